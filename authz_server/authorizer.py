@@ -1,0 +1,150 @@
+"""The whole decision for one request: authentication (JWT) then authorization, as Istio orders it.
+
+Istio's chain after the CUSTOM hop is jwt_authn -> RBAC AUDIT/DENY/ALLOW (SPEC 1). This module
+runs the same chain over the policies of the request's workload and returns a
+:class:`Verdict` that the gRPC adapter turns into a CheckResponse and ``explain`` into text.
+It never raises for a request: internal failures become a fail-closed (or, when configured,
+fail-open) verdict with the reason logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from typing import Callable
+
+from authz_server.engine.decide import RBAC_DENIED_BODY, AuthzDecision, DryRunResult
+from authz_server.engine.engine import PolicyEngine
+from authz_server.engine.request import RequestAttributes
+from authz_server.engine.scope import destination_service
+from authz_server.jwt.authenticator import AuthnResult
+
+log = logging.getLogger(__name__)
+
+Headers = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What to answer Envoy, and why."""
+
+    allowed: bool
+    http_status: int
+    body: str
+    #: machine-readable reason (allowed_by_policy, no_allow_match, jwt_expired, ...)
+    reason: str
+    #: one human sentence
+    detail: str
+    policy: str = ""
+    rule: int | None = None
+    #: headers for the client on deny (www-authenticate, the policy header)
+    deny_headers: Headers = ()
+    #: headers to set on / remove from the upstream request on allow
+    upstream_headers: Headers = ()
+    remove_headers: tuple[str, ...] = ()
+    dry_run: tuple[DryRunResult, ...] = ()
+    audited: tuple[str, ...] = ()
+    request_principal: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class VerdictSettings:
+    #: header naming the denying policy on a deny ("" disables it)
+    policy_header: str = "x-ext-authz-policy"
+    #: static headers added to every allowed request upstream
+    ok_headers: Headers = ()
+    #: allow when the server itself fails (never for a policy deny)
+    fail_open: bool = False
+
+
+class Authorizer:
+    """Runs authn + authz against whatever policy engine is current (hot reload swaps it)."""
+
+    def __init__(self, current_engine: Callable[[], PolicyEngine], settings: VerdictSettings | None = None) -> None:
+        self._current_engine = current_engine
+        self.settings = settings or VerdictSettings()
+
+    async def check(self, req: RequestAttributes) -> Verdict:
+        try:
+            return await self._check(req)
+        except LookupError as exc:  # no policy set loaded yet
+            return self.failure("no_policy_set", str(exc))
+        except Exception:  # a bug must not become an open door or a gRPC error
+            log.exception("internal error while deciding %s %s", req.method, req.path)
+            return self.failure("internal_error", "internal error while deciding")
+
+    def failure(self, reason: str, detail: str) -> Verdict:
+        """Fail closed (403) unless fail-open is configured."""
+        if self.settings.fail_open:
+            return Verdict(True, 200, "", reason, f"{detail} (fail-open)", upstream_headers=self.settings.ok_headers)
+        return Verdict(False, 403, RBAC_DENIED_BODY, reason, detail, deny_headers=self._policy_header("error"))
+
+    async def _check(self, req: RequestAttributes) -> Verdict:
+        workload = req.workload
+        if workload.namespace is None:
+            return self.failure(
+                "unknown_workload",
+                "workload namespace unknown: no destination.principal and no --workload-namespace",
+            )
+        service = destination_service(req.host, workload.namespace) if workload.kind == "waypoint" else None
+        engine = self._current_engine()
+        view = engine.for_workload(workload, service)
+        authn: AuthnResult | None = None
+        if view.authenticator is not None:
+            authn = await view.authenticator.authenticate(req)
+            if authn.outcome == "denied":
+                headers = self._policy_header(f"jwt:{authn.reason}")
+                if authn.www_authenticate:
+                    headers = (("www-authenticate", authn.www_authenticate), *headers)
+                return Verdict(
+                    False, authn.http_status, authn.body, f"jwt_{authn.reason}",
+                    f"JWT rejected ({authn.reason}): {authn.body}", deny_headers=headers,
+                )
+            if authn.auth is not None:
+                req.auth = authn.auth
+            if authn.headers_to_remove or authn.headers_to_set:
+                _apply_header_changes(req, authn)
+        return self._authorize(view.policies.decide(req), authn, req)
+
+    def _authorize(self, decision: AuthzDecision, authn: AuthnResult | None, req: RequestAttributes) -> Verdict:
+        policy = decision.policy.ref if decision.policy else ""
+        principal = f"{req.auth.issuer}/{req.auth.subject}" if req.auth and req.auth.subject is not None else ""
+        verdict = Verdict(
+            decision.allowed,
+            200 if decision.allowed else 403,
+            "" if decision.allowed else RBAC_DENIED_BODY,
+            decision.reason,
+            decision.detail,
+            policy,
+            decision.rule,
+            dry_run=decision.dry_run,
+            audited=decision.audited,
+            request_principal=principal,
+        )
+        if not decision.allowed:
+            return replace(verdict, deny_headers=self._policy_header(policy or "no-allow-match"))
+        upstream = self.settings.ok_headers
+        removed: tuple[str, ...] = ()
+        if authn is not None:
+            upstream = (*authn.headers_to_set, *upstream)
+            removed = authn.headers_to_remove
+        return replace(verdict, upstream_headers=upstream, remove_headers=removed)
+
+    def _policy_header(self, value: str) -> Headers:
+        name = self.settings.policy_header
+        return ((name, value),) if name else ()
+
+
+def _apply_header_changes(req: RequestAttributes, authn: AuthnResult) -> None:
+    """Show authorization the headers jwt_authn leaves: client copies of output headers and a
+    consumed token removed, claim/payload headers added (SPEC 7; a spoofed claim header must
+    not satisfy a ``request.headers`` rule)."""
+    removed = set(authn.headers_to_remove)
+    added = dict(authn.headers_to_set)
+    headers = {k: v for k, v in req.headers.items() if k not in removed}
+    headers.update(added)
+    req.headers = headers
+    if req.header_values is not None:
+        values = {k: v for k, v in req.header_values.items() if k not in removed}
+        values.update({k: (v,) for k, v in added.items()})
+        req.header_values = values

@@ -1,0 +1,103 @@
+"""``authz-server``: serve, validate, explain.
+
+    authz-server serve --policies PATH [--listen HOST:PORT] ...
+    authz-server validate PATH
+    authz-server explain --policies PATH --request FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from authz_server.settings import add_options
+
+EXIT_INVALID = 1
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="authz-server",
+        description="Envoy ext_authz (v3 gRPC) server that decides Istio AuthorizationPolicy and "
+        "RequestAuthentication as Istio would. Every option also reads an AUTHZ_* environment variable.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gRPC authorization server")
+    add_options(serve, "serve")
+    validate = commands.add_parser("validate", help="check policy files; print every problem")
+    validate.add_argument("path", help="policy file or directory")
+    add_options(validate, "validate")
+    explain = commands.add_parser("explain", help="evaluate one described request offline and say why")
+    explain.add_argument("--request", required=True, help="request description (YAML or JSON; '-' for stdin)")
+    add_options(explain, "explain")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level, logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "validate":
+        return validate(args.path)
+    if not args.policies:
+        print("error: --policies (or AUTHZ_POLICIES) is required", file=sys.stderr)
+        return EXIT_USAGE
+    if args.command == "explain":
+        return asyncio.run(explain(args))
+    return serve(args)
+
+
+def validate(path: str) -> int:
+    from authz_server.policy.loader import load_policies
+
+    policy_set = load_policies(path)
+    for issue in policy_set.issues:
+        print(issue)
+    errors = len(policy_set.errors)
+    summary = (f"{len(policy_set.authorization_policies)} AuthorizationPolicies, "
+               f"{len(policy_set.request_authentications)} RequestAuthentications, "
+               f"{errors} errors, {len(policy_set.warnings)} warnings")
+    print(("OK: " if not errors else "INVALID: ") + summary, file=sys.stderr)
+    return EXIT_INVALID if errors else 0
+
+
+async def explain(args: argparse.Namespace) -> int:
+    from authz_server.app import App
+    from authz_server.explain import RequestDescriptionError, explain as run_explain, parse_request_description
+
+    try:
+        text = sys.stdin.read() if args.request == "-" else Path(args.request).read_text(encoding="utf-8")
+        check_request = parse_request_description(text)
+    except (OSError, RequestDescriptionError) as exc:
+        print(f"error: {args.request}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    app = App(args)
+    if not app.reload().ok:
+        print(f"error: {args.policies}: policy set invalid (run `authz-server validate`)", file=sys.stderr)
+        return EXIT_INVALID
+    await app.prefetch()
+    result = await run_explain(check_request, app.store.engine(), app.authorizer, app.context)
+    print(result.text)
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    from authz_server.app import App
+    from authz_server.grpc_api.server import AuthzGrpcServer
+
+    async def run() -> int:
+        server = AuthzGrpcServer(App(args), args.listen, args.grace_period)
+        return await server.run()
+
+    try:
+        import uvloop  # optional (pip install .[fast]): a faster event loop
+    except ImportError:
+        return asyncio.run(run())
+    return uvloop.run(run())

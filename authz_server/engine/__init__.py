@@ -1,0 +1,1 @@
+"""The matching engine: policies compiled into request tests, scoping, the decision."""

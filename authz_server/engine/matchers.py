@@ -1,0 +1,220 @@
+"""Value matchers compiled once per policy field: Istio's string convention and its variants.
+
+Every function takes the policy values of one field and returns a ``value -> bool`` test that
+is true when *any* of them matches (the OR inside a field). Prefixes and suffixes are grouped
+into tuples so one ``str.startswith`` call tests them all; nothing is parsed per request.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Callable, Iterable, Sequence
+
+from authz_server.policy.vocabulary import is_path_template
+
+StrTest = Callable[[str], bool]
+SPIFFE = "spiffe://"
+
+
+def _never(_: object) -> bool:
+    return False
+
+
+def string_matcher(patterns: Iterable[str], *, ignore_case: bool = False, empty_is_present: bool = False) -> StrTest:
+    """Istio's four-mode convention (SPEC 3.1): ``*`` presence, ``p*`` prefix, ``*s`` suffix, exact.
+
+    Presence is Envoy's ``present_match`` for headers and hosts (``empty_is_present``: an empty
+    value still counts) and regex ``.+`` everywhere else.
+    """
+    exact: set[str] = set()
+    prefixes: list[str] = []
+    suffixes: list[str] = []
+    presence = False
+    for pattern in patterns:
+        if ignore_case:
+            pattern = pattern.lower()
+        if pattern == "*":
+            presence = True
+        elif pattern.startswith("*"):
+            suffixes.append(pattern[1:])
+        elif pattern.endswith("*"):
+            prefixes.append(pattern[:-1])
+        else:
+            exact.add(pattern)
+    if presence:
+        return (lambda v: True) if empty_is_present else (lambda v: v != "")
+    pre, suf = tuple(prefixes), tuple(suffixes)
+    if not pre and not suf:
+        if ignore_case:
+            return lambda v: v.lower() in exact
+        return exact.__contains__
+    if ignore_case:
+        return lambda v: (v := v.lower()) in exact or v.startswith(pre) or v.endswith(suf)
+    return lambda v: v in exact or v.startswith(pre) or v.endswith(suf)
+
+
+def regex_matcher(regexes: Iterable[str]) -> StrTest:
+    """Full-match against any of the regexes, compiled into one alternation."""
+    parts = [f"(?:{r})" for r in regexes]
+    if not parts:
+        return _never
+    return re.compile("|".join(parts), re.DOTALL).fullmatch  # type: ignore[return-value]
+
+
+def any_of(tests: Sequence[StrTest]) -> StrTest:
+    tests = tuple(t for t in tests if t is not _never)
+    if not tests:
+        return _never
+    if len(tests) == 1:
+        return tests[0]
+    return lambda v: any(t(v) for t in tests)
+
+
+def principal_matcher(patterns: Iterable[str], trust_domains: Sequence[str] = ()) -> StrTest:
+    """``principals``: the value gets ``spiffe://`` prepended (SPEC 3.2).
+
+    A policy value already starting with ``spiffe://`` therefore never matches. Five-segment
+    values in ``cluster.local`` (or any configured trust domain/alias) are expanded to every
+    trust domain of the mesh, as Istio's trust-domain bundle does.
+    """
+    exact: set[str] = set()
+    prefixes: list[str] = []
+    suffixes: list[str] = []
+    presence = False
+    for pattern in _expand_trust_domains(patterns, trust_domains):
+        if pattern == "*":
+            presence = True
+        elif pattern.startswith("*"):
+            suffixes.append(pattern[1:])
+        elif pattern.endswith("*"):
+            prefixes.append(SPIFFE + pattern[:-1])
+        else:
+            exact.add(SPIFFE + pattern)
+    if presence:
+        return lambda v: v != ""
+    pre, suf = tuple(prefixes), tuple(suffixes)
+    # `*s` is regex `spiffe://.*s`: the suffix must follow the scheme.
+    return lambda v: (
+        v in exact
+        or (bool(pre) and v.startswith(pre))
+        or (bool(suf) and v.startswith(SPIFFE) and v[len(SPIFFE):].endswith(suf))
+    )
+
+
+def _expand_trust_domains(patterns: Iterable[str], trust_domains: Sequence[str]) -> list[str]:
+    if not trust_domains:
+        return list(patterns)
+    bundle = set(trust_domains) | {"cluster.local"}
+    out: list[str] = []
+    for pattern in patterns:
+        parts = pattern.split("/")
+        if len(parts) == 5 and parts[1] == "ns" and parts[3] == "sa" and parts[0] in bundle:
+            rest = "/".join(parts[1:])
+            out.extend(f"{td}/{rest}" for td in trust_domains)
+        else:
+            out.append(pattern)
+    return list(dict.fromkeys(out))
+
+
+def namespace_matcher(patterns: Iterable[str]) -> StrTest:
+    """``namespaces``: regex ``.*/ns/<ns>/.*`` over the peer URI, where every ``*`` is a glob."""
+    return regex_matcher(".*/ns/" + ".*".join(re.escape(p) for p in pattern.split("*")) + "/.*" for pattern in patterns)
+
+
+def service_account_matcher(values: Iterable[str]) -> StrTest:
+    """``serviceAccounts`` (``ns/sa`` after qualification): Istio's regex, no wildcards."""
+    regexes = []
+    for value in values:
+        ns, sa = value.split("/", 1)
+        regexes.append(f"spiffe://.+/ns/{re.escape(ns)}/(.+/|)sa/{re.escape(sa)}(/.+)?")
+    return regex_matcher(regexes)
+
+
+def trust_domain_matcher(patterns: Iterable[str]) -> StrTest:
+    """``trustDomains``: ``*`` any SPIFFE id, ``td`` exact, one leading/trailing ``*`` glob."""
+    regexes = []
+    for p in patterns:
+        if p == "*":
+            regexes.append(re.escape(SPIFFE) + ".*")
+        elif p.endswith("*"):
+            regexes.append(re.escape(SPIFFE + p[:-1]) + "[^/]*/.*")
+        elif p.startswith("*"):
+            regexes.append(re.escape(SPIFFE) + "[^/]*" + re.escape(p[1:]) + "/.*")
+        else:
+            regexes.append(re.escape(f"{SPIFFE}{p}/") + ".*")
+    return regex_matcher(regexes)
+
+
+#: Characters Envoy's uri_template accepts inside one path segment (RFC 3986 pchar).
+_SEGMENT = r"[a-zA-Z0-9\-._~%!$&'()+,;:@=]"
+
+
+def path_matcher(patterns: Iterable[str]) -> StrTest:
+    """``paths``: Istio strings, or Envoy uri_templates when a value uses ``{*}``/``{**}``."""
+    plain = [p for p in patterns if not is_path_template(p)]
+    templates = [p for p in patterns if is_path_template(p)]
+    tests = [string_matcher(plain)] if plain else []
+    if templates:
+        tests.append(regex_matcher(_template_regex(t) for t in templates))
+    return any_of(tests)
+
+
+def _template_regex(template: str) -> str:
+    parts = []
+    for segment in template[1:].split("/"):
+        if segment == "{*}":
+            parts.append(_SEGMENT + "+")
+        elif segment == "{**}":
+            parts.append("(?:" + _SEGMENT + "|/)*")
+        else:
+            parts.append(re.escape(segment))
+    return "/" + "/".join(parts)
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def ip_matcher(values: Iterable[str]) -> Callable[[ipaddress.IPv4Address | ipaddress.IPv6Address], bool]:
+    """IP/CIDR values (a bare IP is /32 or /128; host bits are masked like Envoy's CidrRange)."""
+    networks: list[Network] = [ipaddress.ip_network(v, strict=False) for v in values]
+    v4 = tuple(n for n in networks if n.version == 4)
+    v6 = tuple(n for n in networks if n.version == 6)
+
+    def match(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        if ip.version == 6 and ip.ipv4_mapped is not None and v4:
+            ip = ip.ipv4_mapped
+        return any(ip in n for n in (v4 if ip.version == 4 else v6))
+
+    return match
+
+
+def request_principal_matcher(patterns: Iterable[str]) -> Callable[[tuple[str, str | None]], bool]:
+    """``requestPrincipals`` (Istio >= 1.22, SPEC 4.2): ``iss`` and ``sub`` matched separately.
+
+    Each value is split at its last ``/``; a token without ``sub`` never matches a sub test.
+    """
+    tests = [_split_principal(p) for p in patterns]
+
+    def match(value: tuple[str, str | None]) -> bool:
+        iss, sub = value
+        return any(iss_ok(iss) and sub is not None and sub_ok(sub) for iss_ok, sub_ok in tests)
+
+    return match
+
+
+def _split_principal(pattern: str) -> tuple[StrTest, StrTest]:
+    present = string_matcher(["*"])
+    if pattern == "*":
+        return present, present
+    cut = pattern.rfind("/")
+    if cut < 0:
+        if pattern.startswith("*"):
+            return present, string_matcher([pattern])
+        return string_matcher([pattern]), present
+    iss, sub = pattern[:cut], pattern[cut + 1:]
+    if iss == "*" or iss.startswith("*"):
+        iss_test = string_matcher([iss])  # presence or suffix
+    else:
+        iss_test = iss.__eq__  # exact, a trailing `*` included: only the sub side has prefixes
+    return iss_test, string_matcher([sub])

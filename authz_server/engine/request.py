@@ -1,0 +1,91 @@
+"""The attributes one request carries, as the matching engine sees them.
+
+The gRPC adapter (from a CheckRequest) and ``explain`` (from a YAML/JSON description) both build
+a :class:`RequestAttributes`; the engine never looks at protobufs. Values are normalised once
+here (header names lower-cased, the query stripped from the path, addresses parsed) so matchers
+do no per-rule parsing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """The workload whose proxy asks: its namespace and labels decide which policies apply.
+
+    ``kind`` is how Istio attaches policies to it (SPEC section 2): ``sidecar`` and ``gateway``
+    (classic gateways) honour selectors; ``k8s-gateway`` (Gateway API, label
+    ``gateway.networking.k8s.io/gateway-name``) honours targetRefs and selectors; ``waypoint``
+    honours targetRefs only.
+    """
+
+    namespace: str | None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    kind: str = "sidecar"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestAuth:
+    """A verified JWT: what ``requestPrincipals`` and ``request.auth.*`` match against."""
+
+    issuer: str
+    subject: str | None
+    claims: Mapping[str, Any]
+
+
+@dataclass(slots=True)
+class RequestAttributes:
+    """Everything a rule can ask about one HTTP request.
+
+    ``None`` means the attribute is absent (no mTLS, no token, unknown SNI): positive matchers
+    are false and ``not*`` matchers true, as in Envoy's RBAC.
+    """
+
+    method: str = ""
+    host: str = ""
+    #: ``:path`` as Envoy normalised it, with query and fragment removed (``url_path``).
+    path: str = ""
+    #: ``:path`` including the query, for JWT query-parameter extraction.
+    raw_path: str = ""
+    #: lower-case header names; repeated headers joined with ``,`` as in the CheckRequest.
+    headers: Mapping[str, str] = field(default_factory=dict)
+    #: lower-case header names to every value sent, when Envoy sent them one by one
+    #: (``encode_raw_headers``); otherwise ``None`` and ``headers`` is all there is.
+    header_values: Mapping[str, tuple[str, ...]] | None = None
+    source_principal: str | None = None
+    source_ip: IPAddress | None = None
+    remote_ip: IPAddress | None = None
+    destination_ip: IPAddress | None = None
+    destination_port: int | None = None
+    sni: str | None = None
+    auth: RequestAuth | None = None
+    workload: Workload = field(default_factory=lambda: Workload(None))
+
+    @property
+    def host_lower(self) -> str:
+        return self.host.lower()
+
+
+def parse_ip(text: str | None) -> IPAddress | None:
+    """An IP address or ``None`` when absent or unparsable (never raises)."""
+    if not text:
+        return None
+    try:
+        return ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+
+
+def strip_query(path: str) -> str:
+    """Envoy's ``url_path``: the path without ``?query`` and ``#fragment``."""
+    for sep in ("?", "#"):
+        cut = path.find(sep)
+        if cut >= 0:
+            path = path[:cut]
+    return path

@@ -1,0 +1,148 @@
+"""Explain one request offline: the decision, the policy and rule behind it, and why.
+
+The request description (YAML/JSON) is turned into a real CheckRequest and goes through the
+same adapter and authorizer as a live Check, so what ``explain`` says is what the server does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import yaml
+from envoy.config.core.v3.address_pb2 import Address, SocketAddress
+from envoy.service.auth.v3.attribute_context_pb2 import AttributeContext
+from envoy.service.auth.v3.external_auth_pb2 import CheckRequest
+
+from authz_server.authorizer import Authorizer, Verdict
+from authz_server.engine.compiler import CompiledPolicy
+from authz_server.engine.engine import PolicyEngine
+from authz_server.engine.request import RequestAttributes
+from authz_server.engine.scope import destination_service
+from authz_server.grpc_api.check_request import RequestContextSettings, to_attributes
+
+REQUEST_FIELDS = ("method", "host", "path", "headers", "source", "destination", "sni")
+
+
+class RequestDescriptionError(ValueError):
+    """The request description is not usable; the message says which field and why."""
+
+
+def check_request_from_description(doc: Any) -> CheckRequest:
+    """Build the CheckRequest Envoy would send for a described request.
+
+    Fields: ``method``, ``host``, ``path`` (with query), ``headers`` (name: value or list of
+    values, joined with ``,`` as Envoy does), ``source: {principal, address, port}``,
+    ``destination: {principal, address, port, labels}``, ``sni``.
+    """
+    if not isinstance(doc, Mapping):
+        raise RequestDescriptionError("request description must be an object")
+    unknown = set(doc) - set(REQUEST_FIELDS)
+    if unknown:
+        raise RequestDescriptionError(f"unknown fields {sorted(unknown)} (expected {', '.join(REQUEST_FIELDS)})")
+    headers: dict[str, str] = {}
+    for name, value in (doc.get("headers") or {}).items():
+        values = value if isinstance(value, list) else [value]
+        headers[str(name).lower()] = ",".join(str(v) for v in values)
+    method = str(doc.get("method", "GET"))
+    host = str(doc.get("host", ""))
+    path = str(doc.get("path", "/"))
+    headers.update({":method": method, ":path": path, ":authority": host})
+    http = AttributeContext.HttpRequest(method=method, host=host, path=path, headers=headers,
+                                        scheme=headers.get("x-forwarded-proto", "http"), protocol="HTTP/1.1")
+    source = _peer(doc.get("source") or {}, "source")
+    destination = _peer(doc.get("destination") or {}, "destination")
+    attrs = AttributeContext(source=source, destination=destination, request=AttributeContext.Request(http=http))
+    if doc.get("sni"):
+        attrs.tls_session.sni = str(doc["sni"])
+    return CheckRequest(attributes=attrs)
+
+
+def _peer(raw: Any, name: str) -> AttributeContext.Peer:
+    if not isinstance(raw, Mapping):
+        raise RequestDescriptionError(f"{name} must be an object")
+    unknown = set(raw) - {"principal", "address", "port", "labels"}
+    if unknown:
+        raise RequestDescriptionError(f"{name}: unknown fields {sorted(unknown)}")
+    peer = AttributeContext.Peer(principal=str(raw.get("principal") or ""))
+    if raw.get("address"):
+        try:
+            port = int(raw.get("port") or 0)
+        except (TypeError, ValueError):
+            raise RequestDescriptionError(f"{name}.port must be a number") from None
+        peer.address.CopyFrom(Address(socket_address=SocketAddress(address=str(raw["address"]), port_value=port)))
+    labels = raw.get("labels") or {}
+    if not isinstance(labels, Mapping):
+        raise RequestDescriptionError(f"{name}.labels must be an object")
+    peer.labels.update({str(k): str(v) for k, v in labels.items()})
+    return peer
+
+
+def parse_request_description(text: str) -> CheckRequest:
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RequestDescriptionError(f"invalid YAML/JSON: {exc}") from None
+    return check_request_from_description(doc)
+
+
+@dataclass(frozen=True)
+class Explanation:
+    verdict: Verdict
+    text: str
+
+
+async def explain(
+    check_request: CheckRequest,
+    engine: PolicyEngine,
+    authorizer: Authorizer,
+    context: RequestContextSettings,
+) -> Explanation:
+    attrs = to_attributes(check_request, context)
+    verdict = await authorizer.check(attrs)
+    return Explanation(verdict, render(verdict, attrs, engine))
+
+
+def render(verdict: Verdict, attrs: RequestAttributes, engine: PolicyEngine) -> str:
+    decision = "ALLOW" if verdict.allowed else "DENY"
+    lines = [
+        f"decision: {decision} (HTTP {verdict.http_status})",
+        f"reason:   {verdict.reason}: {verdict.detail}",
+    ]
+    if verdict.policy:
+        lines.append(f"policy:   {verdict.policy} rule[{verdict.rule}]")
+    if verdict.body:
+        lines.append(f"body:     {verdict.body}")
+    workload = attrs.workload
+    labels = ",".join(f"{k}={v}" for k, v in sorted(workload.labels.items())) or "-"
+    lines.append(f"workload: namespace={workload.namespace or '?'} labels={labels} kind={workload.kind}")
+    lines.append(f"request:  {attrs.method} {attrs.host}{attrs.raw_path} from {attrs.source_principal or 'no peer identity'}"
+                 f" ip={attrs.source_ip} remote.ip={attrs.remote_ip}")
+    if attrs.auth is not None:
+        lines.append(f"jwt:      iss={attrs.auth.issuer} sub={attrs.auth.subject}")
+    if workload.namespace is not None:
+        service = destination_service(attrs.host, workload.namespace) if workload.kind == "waypoint" else None
+        policies = engine.for_workload(workload, service).policies
+        for title, group in (("DENY", policies.deny), ("ALLOW", policies.allow), ("AUDIT", policies.audit),
+                             ("dry-run DENY", policies.dry_deny), ("dry-run ALLOW", policies.dry_allow)):
+            for policy in group:
+                lines.extend(_policy_lines(title, policy, attrs))
+    for result in verdict.dry_run:
+        lines.append(f"dry-run:  {result.action.value} engine would have {result.engine_result}"
+                     f" ({result.effective_policy_id or 'no rule matched'})")
+    if verdict.upstream_headers:
+        lines.append("upstream headers set: " + ", ".join(k for k, _ in verdict.upstream_headers))
+    if verdict.remove_headers:
+        lines.append("upstream headers removed: " + ", ".join(verdict.remove_headers))
+    return "\n".join(lines)
+
+
+def _policy_lines(title: str, compiled: CompiledPolicy, attrs: RequestAttributes) -> list[str]:
+    policy = compiled.policy
+    lines = [f"  {title} {policy.ref} ({policy.origin}):"]
+    if not compiled.rules:
+        lines.append("    no rules: never matches")
+    for rule in compiled.rules:
+        why = rule.mismatches(attrs)
+        lines.append(f"    rule[{rule.index}]: " + ("MATCH" if not why else "no match: " + "; ".join(why)))
+    return lines

@@ -1,0 +1,1 @@
+"""Envoy ext_authz v3 gRPC: CheckRequest in, CheckResponse out, and the server."""

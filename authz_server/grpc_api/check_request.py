@@ -1,0 +1,107 @@
+"""CheckRequest (envoy.service.auth.v3) -> RequestAttributes.
+
+What Istio's Envoy actually sends is in SPEC 8.1: the peer's SPIFFE id, addresses, the HTTP
+request with lower-cased headers, and the proxy's own identity in ``destination.principal``.
+Things the engine needs but Envoy does not send (the workload's labels, remote.ip, the SNI)
+are derived here or come from static settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from envoy.service.auth.v3.external_auth_pb2 import CheckRequest
+
+from authz_server.engine.request import IPAddress, RequestAttributes, Workload, parse_ip, strip_query
+
+GATEWAY_KINDS = frozenset({"gateway", "k8s-gateway"})
+
+
+class MalformedCheckRequest(ValueError):
+    """The CheckRequest lacks what every HTTP Check carries; it is denied, never an error."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContextSettings:
+    """Static facts about the proxy that calls us, for what a CheckRequest cannot tell."""
+
+    workload: Workload = field(default_factory=lambda: Workload(None))
+    num_trusted_proxies: int = 0
+
+
+def namespace_from_spiffe(principal: str) -> str | None:
+    """``spiffe://td/ns/<ns>/sa/<sa>`` -> ``<ns>``; ``None`` for anything else."""
+    if not principal.startswith("spiffe://"):
+        return None
+    parts = principal[len("spiffe://"):].split("/")
+    if len(parts) >= 5 and parts[1] == "ns" and parts[3] == "sa" and parts[2]:
+        return parts[2]
+    return None
+
+
+def remote_ip(
+    xff: str | None, peer: IPAddress | None, kind: str, num_trusted_proxies: int
+) -> IPAddress | None:
+    """Envoy's trusted client address (SPEC 5).
+
+    Sidecars and waypoints (``use_remote_address: false``, 0 hops) take the rightmost XFF
+    entry. Gateways (``use_remote_address: true``) have already appended the peer, so with N
+    trusted proxies the answer is the (N+1)-th entry from the right, or the peer when there
+    are fewer entries or N is 0.
+    """
+    if not xff:
+        return peer
+    entries = [e.strip() for e in xff.split(",")]
+    if kind in GATEWAY_KINDS:
+        if num_trusted_proxies <= 0:
+            return peer
+        index = len(entries) - 1 - num_trusted_proxies
+        if index < 0:
+            return peer
+        return parse_ip(entries[index]) or peer
+    return parse_ip(entries[-1]) or peer
+
+
+def to_attributes(request: CheckRequest, settings: RequestContextSettings) -> RequestAttributes:
+    """Convert one CheckRequest; raises :class:`MalformedCheckRequest` when it is not HTTP."""
+    attrs = request.attributes
+    http = attrs.request.http
+    if not http.method or not http.path:
+        raise MalformedCheckRequest("CheckRequest has no HTTP method or path")
+    headers: dict[str, str] = {k.lower(): v for k, v in http.headers.items()} if http.headers else {}
+    header_values: dict[str, tuple[str, ...]] | None = None
+    if http.header_map.headers:
+        collected: dict[str, list[str]] = {}
+        for hv in http.header_map.headers:
+            value = hv.value or hv.raw_value.decode("utf-8", "replace")
+            collected.setdefault(hv.key.lower(), []).append(value)
+        header_values = {k: tuple(v) for k, v in collected.items()}
+        if not headers:
+            headers = {k: ",".join(v) for k, v in header_values.items()}
+    source_ip = parse_ip(attrs.source.address.socket_address.address)
+    dest = attrs.destination.address.socket_address
+    workload = _workload(attrs.destination.principal, attrs.destination.labels, settings.workload)
+    return RequestAttributes(
+        method=http.method,
+        host=http.host or headers.get(":authority", ""),
+        path=strip_query(http.path),
+        raw_path=http.path,
+        headers=headers,
+        header_values=header_values,
+        source_principal=attrs.source.principal or None,
+        source_ip=source_ip,
+        remote_ip=remote_ip(headers.get("x-forwarded-for"), source_ip, workload.kind, settings.num_trusted_proxies),
+        destination_ip=parse_ip(dest.address),
+        destination_port=dest.port_value if dest.address else None,
+        sni=attrs.tls_session.sni or None,
+        workload=workload,
+    )
+
+
+def _workload(principal: str, labels: Mapping[str, str], static: Workload) -> Workload:
+    """Per-request identity wins over the static one (SPEC 8.1: Envoy sends no labels by default)."""
+    namespace = namespace_from_spiffe(principal) if principal else None
+    if namespace is None and not labels:
+        return static
+    return Workload(namespace or static.namespace, dict(labels) if labels else static.labels, static.kind)

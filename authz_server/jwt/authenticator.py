@@ -1,0 +1,356 @@
+"""The jwt_authn filter of one workload: token extraction, Istio's requirement, the outcome.
+
+Istio turns all ``jwtRules`` that apply to a workload (sorted by issuer) into Envoy providers
+and the requirement ``requires_any{p1..pn, requires_all{any{pi, allow_missing}...}}`` with
+CORS preflight bypass (SPEC 7). Its observable behaviour, reproduced here:
+
+* no token in any configured location → pass, no principal (authorization decides);
+* a provider whose locations hold tokens that all verify → success with that token's payload;
+* otherwise → 401 with jwt_verify_lib's status (403 for a disallowed audience), preferring a
+  real verification error over "issuer not configured" as Envoy's AnyVerifier does.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal
+from urllib.parse import unquote
+
+from authz_server.engine.request import RequestAttributes, RequestAuth, strip_query
+from authz_server.jwt.jwks import JwksCache
+from authz_server.jwt.rules import JwtRule
+from authz_server.jwt.verify import (
+    ParsedJwt,
+    Status,
+    TokenVerifier,
+    audiences_allowed,
+    check_time,
+    normalize_audience,
+    reason_for,
+)
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["none", "ok", "denied"]
+#: Envoy's extractJWT: after the prefix, skip to the first of these and take the run of them.
+_TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.")
+#: Claims Envoy always splits on spaces in the metadata payload.
+_SPACE_DELIMITED = ("scope", "permission")
+#: kid of the public-only stand-in JWKS istiod pushes when a fetch fails (SPEC 7.1).
+_ISTIOD_FALLBACK_KID = "abc"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthnSettings:
+    #: What a token gets when its issuer's JWKS never could be fetched: ``istiod`` reproduces
+    #: istiod's reject-all stand-in key (kid ``abc``), ``envoy`` Envoy's remote_jwks failure.
+    jwks_unavailable: Literal["istiod", "envoy"] = "istiod"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthnResult:
+    """What jwt_authn decided, and what it changes in the upstream request."""
+
+    outcome: Outcome
+    auth: RequestAuth | None = None
+    http_status: int = 0
+    body: str = ""
+    www_authenticate: str | None = None
+    headers_to_set: tuple[tuple[str, str], ...] = ()
+    headers_to_remove: tuple[str, ...] = ()
+    reason: str = "no_token"
+    kid: str = ""
+    issuer: str = ""
+    #: First hex digits of the token's SHA-256, for correlating logs without the token.
+    token_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Location:
+    kind: Literal["header", "param", "cookie"]
+    name: str
+    prefix: str
+    #: Indexes of the providers that configured this location.
+    providers: frozenset[int]
+
+
+@dataclass(frozen=True, slots=True)
+class _Provider:
+    rule: JwtRule
+    audiences: frozenset[str]
+    space_delimited: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """One provider's verdict on the tokens found in its locations."""
+
+    status: str | None = Status.MISSING
+    jwt: ParsedJwt | None = None
+    digest: bytes = b""
+    token_headers: list[str] = field(default_factory=list)
+
+
+class JwtAuthenticator:
+    """Authenticates requests for one workload; build one per distinct set of rules."""
+
+    def __init__(
+        self,
+        rules: Iterable[JwtRule],
+        jwks: JwksCache,
+        verifier: TokenVerifier,
+        settings: AuthnSettings | None = None,
+    ):
+        self.rules = tuple(sorted(rules, key=lambda r: r.issuer))
+        self._jwks = jwks
+        self._verifier = verifier
+        self._settings = settings or AuthnSettings()
+        self._providers = tuple(
+            _Provider(
+                rule,
+                frozenset(normalize_audience(a) for a in rule.audiences),
+                _SPACE_DELIMITED + tuple(c for c in rule.space_delimited_claims if c not in _SPACE_DELIMITED),
+            )
+            for rule in self.rules
+        )
+        self._locations = _locations(self.rules)
+        self._sanitize = tuple(dict.fromkeys(h for r in self.rules for h in r.output_header_names))
+
+    async def authenticate(self, request: RequestAttributes) -> AuthnResult:
+        """Never raises: any unexpected failure is a 401, logged without the token."""
+        try:
+            return await self._authenticate(request)
+        except Exception:  # noqa: BLE001 - the request path must answer, whatever the input
+            log.exception("jwt authentication failed unexpectedly")
+            return self._denied(request, Status.VERIFICATION_FAIL, None, b"", "internal_error")
+
+    async def _authenticate(self, request: RequestAttributes) -> AuthnResult:
+        if not self._providers or _is_cors_preflight(request):
+            return AuthnResult("none", headers_to_remove=self._sanitize)
+        found = self._extract(request)
+        if not found:
+            return AuthnResult("none", headers_to_remove=self._sanitize)
+        attempts = [await self._attempt(i, found) for i in range(len(self._providers))]
+        for index, attempt in enumerate(attempts):
+            if attempt.status is None and attempt.jwt is not None:
+                return self._success(self._providers[index], attempt)
+        failed = [a for a in attempts if a.status not in (Status.MISSING, Status.UNKNOWN_ISSUER)]
+        failed = failed or [a for a in attempts if a.status == Status.UNKNOWN_ISSUER]
+        worst = failed[0]
+        return self._denied(request, worst.status or Status.VERIFICATION_FAIL, worst.jwt, worst.digest)
+
+    def _extract(self, request: RequestAttributes) -> list[tuple[_Location, str]]:
+        """Tokens per location, in Envoy's order: headers, query parameters, cookies."""
+        params: dict[str, str] | None = None
+        cookies: dict[str, str] | None = None
+        found: list[tuple[_Location, str]] = []
+        for location in self._locations:
+            if location.kind == "header":
+                token = _from_header(request.headers.get(location.name), location.prefix)
+            elif location.kind == "param":
+                params = _query_params(request.raw_path) if params is None else params
+                token = params.get(location.name)
+            else:
+                cookies = _cookies(request.headers.get("cookie", "")) if cookies is None else cookies
+                token = cookies.get(location.name)
+            if token is not None:
+                found.append((location, token))
+        return found
+
+    async def _attempt(self, index: int, found: list[tuple[_Location, str]]) -> _Attempt:
+        """All tokens in this provider's locations must verify (Envoy checks every one)."""
+        attempt = _Attempt()
+        seen: set[str] = set()
+        for location, token in found:
+            if index not in location.providers:
+                continue
+            if location.kind == "header":
+                attempt.token_headers.append(location.name)
+            if token in seen:
+                continue
+            seen.add(token)
+            status, jwt, digest = await self._verify(self._providers[index], token)
+            if attempt.jwt is None or status is not None:
+                attempt.jwt, attempt.digest = jwt, digest
+            attempt.status = status
+            if status is not None:
+                return attempt
+        return attempt
+
+    async def _verify(self, provider: _Provider, token: str) -> tuple[str | None, ParsedJwt | None, bytes]:
+        """Envoy's order: parse → issuer → exp/nbf → audience → signature."""
+        parsed, digest = self._verifier.load(token)
+        if isinstance(parsed, str):
+            return parsed, None, digest
+        rule = provider.rule
+        if rule.issuer and parsed.issuer != rule.issuer:
+            return Status.UNKNOWN_ISSUER, parsed, digest
+        status = check_time(parsed, self._verifier.clock(), self._verifier.settings.leeway)
+        if status is None and not audiences_allowed(provider.audiences, parsed.audiences):
+            status = Status.AUDIENCE_NOT_ALLOWED
+        if status is not None:
+            return status, parsed, digest
+        keys = await self._jwks.keys_for(rule)
+        if keys is None:
+            return self._unavailable(parsed), parsed, digest
+        status = self._verifier.verify(parsed, digest, keys)
+        if status == Status.KID_ALG_MISMATCH:
+            fresh = await self._jwks.refresh_for_unknown_kid(rule)
+            if fresh is not None:
+                status = self._verifier.verify(parsed, digest, fresh)
+        return status, parsed, digest
+
+    def _unavailable(self, jwt: ParsedJwt) -> str:
+        if self._settings.jwks_unavailable == "envoy":
+            return Status.JWKS_FETCH_FAIL
+        if jwt.kid and jwt.kid != _ISTIOD_FALLBACK_KID:
+            return Status.KID_ALG_MISMATCH
+        return Status.VERIFICATION_FAIL
+
+    def _success(self, provider: _Provider, attempt: _Attempt) -> AuthnResult:
+        jwt = attempt.jwt
+        assert jwt is not None
+        rule = provider.rule
+        to_set: list[tuple[str, str]] = []
+        if rule.output_payload_to_header:
+            to_set.append((rule.output_payload_to_header, jwt.payload_b64))
+        for header, claim in rule.output_claim_to_headers:
+            value = _claim_header_value(jwt.payload, claim)
+            if value is not None:
+                to_set.append((header, value))
+        remove = list(self._sanitize)
+        if not rule.forward_original_token:
+            remove.extend(h for h in attempt.token_headers if h not in remove)
+        return AuthnResult(
+            "ok",
+            auth=RequestAuth(jwt.issuer, jwt.subject, _normalise_claims(jwt.payload, provider.space_delimited)),
+            headers_to_set=tuple(to_set),
+            headers_to_remove=tuple(remove),
+            reason="ok",
+            kid=jwt.kid,
+            issuer=jwt.issuer,
+            token_id=attempt.digest.hex()[:12],
+        )
+
+    def _denied(
+        self, request: RequestAttributes, status: str, jwt: ParsedJwt | None, digest: bytes, reason: str = ""
+    ) -> AuthnResult:
+        scheme = request.headers.get("x-forwarded-proto", "") or "http"
+        path = request.path or strip_query(request.raw_path)
+        result = AuthnResult(
+            "denied",
+            http_status=403 if status == Status.AUDIENCE_NOT_ALLOWED else 401,
+            body=status,
+            www_authenticate=f'Bearer realm="{scheme}://{request.host}{path}", error="invalid_token"',
+            headers_to_remove=self._sanitize,
+            reason=reason or reason_for(status),
+            kid=jwt.kid if jwt else "",
+            issuer=jwt.issuer if jwt else "",
+            token_id=digest.hex()[:12],
+        )
+        log.debug("jwt denied: %s (token %s, iss %r, kid %r)", result.reason, result.token_id, result.issuer, result.kid)
+        return result
+
+
+def _locations(rules: tuple[JwtRule, ...]) -> tuple[_Location, ...]:
+    """Envoy's ExtractorImpl maps: headers keyed by name+prefix, then params, then cookies."""
+    headers: dict[tuple[str, str], set[int]] = {}
+    params: dict[str, set[int]] = {}
+    cookies: dict[str, set[int]] = {}
+    for index, rule in enumerate(rules):
+        from_headers, from_params = rule.from_headers, rule.from_params
+        if not (rule.from_headers or rule.from_params or rule.from_cookies):
+            from_headers, from_params = (("authorization", "Bearer "),), ("access_token",)
+        for name, prefix in from_headers:
+            headers.setdefault((name, prefix), set()).add(index)
+        for name in from_params:
+            params.setdefault(name, set()).add(index)
+        for name in rule.from_cookies:
+            cookies.setdefault(name, set()).add(index)
+    return (
+        *(_Location("header", n, p, frozenset(i)) for (n, p), i in sorted(headers.items(), key=lambda e: e[0][0] + e[0][1])),
+        *(_Location("param", n, "", frozenset(i)) for n, i in sorted(params.items())),
+        *(_Location("cookie", n, "", frozenset(i)) for n, i in sorted(cookies.items())),
+    )
+
+
+def _from_header(value: str | None, prefix: str) -> str | None:
+    """Newest Envoy: find ``prefix`` case-sensitively anywhere, take the base64url/dot run after it."""
+    if value is None:
+        return None
+    if not prefix:
+        return value
+    at = value.find(prefix)
+    if at < 0:
+        return None
+    start = at + len(prefix)
+    while start < len(value) and value[start] not in _TOKEN_CHARS:
+        start += 1
+    if start == len(value):
+        return value
+    end = start
+    while end < len(value) and value[end] in _TOKEN_CHARS:
+        end += 1
+    return value[start:end]
+
+
+def _query_params(raw_path: str) -> dict[str, str]:
+    """URL-decoded query parameters; the first occurrence of a name wins (Envoy's map)."""
+    query = raw_path.partition("?")[2].partition("#")[0]
+    params: dict[str, str] = {}
+    for pair in query.split("&"):
+        if pair:
+            name, _, value = pair.partition("=")
+            params.setdefault(unquote(name), unquote(value))
+    return params
+
+
+def _cookies(header: str) -> dict[str, str]:
+    """Envoy's parseCookies: ``;``-separated ``name=value``, quotes stripped, first one wins."""
+    cookies: dict[str, str] = {}
+    for part in header.split(";"):
+        name, eq, value = part.strip().partition("=")
+        if not eq or not name:
+            continue
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        cookies.setdefault(name, value)
+    return cookies
+
+
+def _is_cors_preflight(request: RequestAttributes) -> bool:
+    headers = request.headers
+    return (
+        request.method == "OPTIONS"
+        and bool(headers.get("origin"))
+        and bool(headers.get("access-control-request-method"))
+    )
+
+
+def _normalise_claims(payload: dict[str, Any], space_delimited: tuple[str, ...]) -> dict[str, Any]:
+    """The metadata payload: listed string claims split on spaces into lists."""
+    split = {
+        name: [part for part in payload[name].split(" ") if part]
+        for name in space_delimited
+        if isinstance(payload.get(name), str)
+    }
+    return {**payload, **split} if split else payload
+
+
+def _claim_header_value(payload: dict[str, Any], claim: str) -> str | None:
+    """String, number and bool claims (``a.b`` walks nested objects); others are not copied."""
+    value: Any = payload
+    for part in claim.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    return None

@@ -1,0 +1,1 @@
+"""Istio policy documents: loading, validation and the parsed model."""

@@ -1,0 +1,80 @@
+"""The current policy engine, swapped atomically on reload; a bad set never replaces a good one.
+
+Readers call :meth:`PolicyStore.engine` and get one consistent, fully compiled engine: a
+reload builds the new engine completely before a single reference assignment publishes it,
+so in-flight Checks finish on the set they started with.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from authz_server.engine.engine import AuthenticatorFactory, MeshSettings, PolicyEngine
+from authz_server.policy.issues import Issue
+from authz_server.policy.loader import PolicySet, load_policies
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadResult:
+    ok: bool
+    errors: tuple[Issue, ...]
+    warnings: tuple[Issue, ...]
+
+
+class PolicyStore:
+    def __init__(
+        self,
+        path: str | Path,
+        mesh: MeshSettings,
+        authenticator_factory: AuthenticatorFactory | None = None,
+    ) -> None:
+        self.path = str(path)
+        self.mesh = mesh
+        self.authenticator_factory = authenticator_factory
+        self._engine: PolicyEngine | None = None
+        self.generation = 0
+        self.last_good_at: float | None = None
+        self.last_attempt_at: float | None = None
+        self.last_errors: tuple[Issue, ...] = ()
+
+    @property
+    def loaded(self) -> bool:
+        return self._engine is not None
+
+    def engine(self) -> PolicyEngine:
+        if self._engine is None:
+            raise LookupError(f"no valid policy set loaded from {self.path}")
+        return self._engine
+
+    @property
+    def policy_set(self) -> PolicySet | None:
+        return self._engine.policy_set if self._engine else None
+
+    def reload(self) -> ReloadResult:
+        """Load the path again; publish it only when it has no error at all."""
+        self.last_attempt_at = time.time()
+        policy_set = load_policies(self.path)
+        for warning in policy_set.warnings:
+            log.warning("policy: %s", warning)
+        if not policy_set.ok:
+            self.last_errors = policy_set.errors
+            for error in policy_set.errors:
+                log.error("policy: %s", error)
+            kept = f"keeping generation {self.generation}" if self._engine else "no policy set loaded"
+            log.error("policy set at %s rejected (%d errors); %s", self.path, len(policy_set.errors), kept)
+            return ReloadResult(False, policy_set.errors, policy_set.warnings)
+        engine = PolicyEngine(policy_set, self.mesh, self.authenticator_factory)
+        self._engine = engine
+        self.generation += 1
+        self.last_good_at = policy_set.loaded_at
+        self.last_errors = ()
+        log.info(
+            "policy set generation %d loaded from %s: %d AuthorizationPolicies, %d RequestAuthentications",
+            self.generation, self.path, len(policy_set.authorization_policies), len(policy_set.request_authentications),
+        )
+        return ReloadResult(True, (), policy_set.warnings)

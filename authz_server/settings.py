@@ -1,0 +1,140 @@
+"""Server settings: every command-line flag also comes from an ``AUTHZ_*`` environment variable.
+
+One table (:data:`OPTIONS`) defines each setting once — flag, variable, default, parser and
+help — so ``--help``, the environment and the README's configuration reference cannot drift.
+Precedence: flag, then environment, then default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from authz_server.engine.scope import WORKLOAD_KINDS
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """``app=x,version=v1`` -> {"app": "x", "version": "v1"}."""
+    labels: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise argparse.ArgumentTypeError(f"invalid label {item!r}: expected key=value")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+def parse_headers(text: str) -> tuple[tuple[str, str], ...]:
+    """``x-a=1,x-b=2`` -> ((x-a, 1), (x-b, 2)); header names lower-cased."""
+    return tuple((k.lower(), v) for k, v in parse_labels(text).items())
+
+
+def parse_listen(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid address {text!r}: expected HOST:PORT")
+    return text
+
+
+def parse_list(text: str) -> tuple[str, ...]:
+    return tuple(filter(None, (part.strip() for part in text.split(","))))
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean {text!r}")
+
+
+def non_negative_int(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return int(text)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def workload_kind(text: str) -> str:
+    if text not in WORKLOAD_KINDS:
+        raise argparse.ArgumentTypeError(f"invalid workload kind {text!r}: one of {', '.join(WORKLOAD_KINDS)}")
+    return text
+
+
+@dataclass(frozen=True)
+class Option:
+    dest: str
+    help: str
+    default: str
+    parse: Callable[[str], Any] = str
+    commands: tuple[str, ...] = ("serve", "explain")
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.dest.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "AUTHZ_" + self.dest.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("policies", "policy file or directory (YAML/JSON, multi-document; a ConfigMap volume works)", ""),
+    Option("listen", "gRPC listen address (Authorization, Diagnostics, health, reflection)", "0.0.0.0:9000",
+           parse_listen, ("serve",)),
+    Option("root_namespace", "Istio root namespace: its policies apply mesh-wide", "istio-system"),
+    Option("trust_domain", "mesh trust domain; 'cluster.local' in principals maps onto it", "cluster.local"),
+    Option("trust_domain_aliases", "comma-separated trust domain aliases", "", parse_list),
+    Option("num_trusted_proxies", "gateways: trusted proxies in front (gatewayTopology.numTrustedProxies), "
+           "used to derive remote.ip from X-Forwarded-For", "0", non_negative_int),
+    Option("workload_namespace", "namespace of the workload when Envoy's destination.principal does not say "
+           "(sidecar-local, per-gateway deployments)", ""),
+    Option("workload_labels", "labels of the workload (app=x,version=v1) when Envoy sends none", "", parse_labels),
+    Option("workload_kind", "how policies attach: sidecar, gateway, k8s-gateway or waypoint (SPEC section 2); "
+           "gateway kinds also use gateway X-Forwarded-For semantics", "sidecar", workload_kind),
+    Option("policy_header", "response header naming the denying policy ('' disables)", "x-ext-authz-policy"),
+    Option("ok_headers", "headers added upstream on every allow (x-a=1,x-b=2)", "", parse_headers),
+    Option("fail_open", "allow when the server itself fails (malformed CheckRequest, internal error); "
+           "policy denies are never affected", "false", parse_bool),
+    Option("grace_period", "seconds to finish in-flight Checks on SIGTERM", "10", positive_float, ("serve",)),
+    Option("jwt_leeway", "seconds of clock skew allowed for exp/nbf", "60", non_negative_int),
+    Option("jwt_max_token_bytes", "tokens longer than this are rejected before parsing", "8192", non_negative_int),
+    Option("jwks_ca_bundle", "CA bundle (PEM) to verify jwksUri/discovery HTTPS servers ('' = system CAs)", ""),
+    Option("jwks_ttl", "seconds JWKS stay fresh when the IdP sends no Cache-Control max-age", "300", positive_float),
+    Option("jwks_max_stale", "seconds the last good JWKS are kept while the IdP fails", "86400", positive_float),
+    Option("jwks_refresh_min_interval", "minimum seconds between unknown-kid refreshes per issuer", "10",
+           positive_float),
+    Option("log_level", "DEBUG, INFO, WARNING or ERROR", "INFO", str.upper, ("serve", "explain", "validate")),
+)
+
+
+def add_options(parser: argparse.ArgumentParser, command: str, environ: Mapping[str, str] | None = None) -> None:
+    """Add the options of ``command``; defaults come from the environment when set there."""
+    environ = os.environ if environ is None else environ
+    for option in OPTIONS:
+        if command not in option.commands:
+            continue
+        raw = environ.get(option.env, option.default)
+        try:
+            default = option.parse(raw)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"{option.env}: {exc}")
+        parser.add_argument(
+            option.flag,
+            dest=option.dest,
+            default=default,
+            type=option.parse,
+            help=f"{option.help} [env {option.env}, default {option.default!r}]",
+        )
