@@ -59,7 +59,8 @@ def regex_matcher(regexes: Iterable[str]) -> StrTest:
     parts = [f"(?:{r})" for r in regexes]
     if not parts:
         return _never
-    return re.compile("|".join(parts), re.DOTALL).fullmatch  # type: ignore[return-value]
+    compiled = re.compile("|".join(parts), re.DOTALL)
+    return lambda v: compiled.fullmatch(v) is not None
 
 
 def any_of(tests: Sequence[StrTest]) -> StrTest:

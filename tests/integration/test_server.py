@@ -1,0 +1,157 @@
+"""The real ``authz-server serve`` process over gRPC: Check, health, reload, diagnostics, shutdown."""
+
+from __future__ import annotations
+
+import signal
+import textwrap
+import time
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import pytest
+from envoy.service.auth.v3 import external_auth_pb2_grpc
+from envoy.service.auth.v3.external_auth_pb2 import CheckRequest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from authz_server._proto import diagnostics_pb2, diagnostics_pb2_grpc
+from authz_server.demo.processes import ManagedProcess, ProcessGroup, free_port, grpc_serving
+from authz_server.explain import check_request_from_description
+
+ALLOW_GET_FROM_SLEEP = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-sleep, namespace: foo}
+spec:
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/foo/sa/sleep"]}}]
+    to: [{operation: {methods: ["GET"]}}]
+"""
+DENY_ALL = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-all, namespace: foo}
+spec:
+  action: DENY
+  rules: [{}]
+"""
+
+
+def request(principal: str = "spiffe://cluster.local/ns/foo/sa/sleep", method: str = "GET") -> CheckRequest:
+    return check_request_from_description({
+        "method": method, "host": "httpbin.foo:8000", "path": "/get?x=1",
+        "source": {"principal": principal, "address": "10.0.0.5", "port": 40000},
+        "destination": {"principal": "spiffe://cluster.local/ns/foo/sa/httpbin", "address": "10.0.1.10", "port": 80},
+    })
+
+
+class Server:
+    def __init__(self, group: ProcessGroup, policies: Path, port: int, process: ManagedProcess) -> None:
+        self.group, self.policies, self.process = group, policies, process
+        self.address = f"127.0.0.1:{port}"
+        self.channel = grpc.insecure_channel(self.address)
+        self.check = external_auth_pb2_grpc.AuthorizationStub(self.channel).Check
+        self.diagnostics = diagnostics_pb2_grpc.DiagnosticsStub(self.channel)
+
+    def health(self) -> int:
+        return health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "allow.yaml").write_text(ALLOW_GET_FROM_SLEEP)
+    port = free_port()
+    with ProcessGroup(tmp_path / "logs") as group:
+        process = group.start_authz_server(policies, port)
+        srv = Server(group, policies, port, process)
+        yield srv
+        srv.channel.close()
+
+
+def wait_for(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def test_allow_and_deny_over_grpc(server: Server) -> None:
+    allowed = server.check(request(), timeout=5)
+    assert allowed.status.code == 0
+    denied = server.check(request(principal="spiffe://cluster.local/ns/bar/sa/x"), timeout=5)
+    assert denied.status.code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+    assert denied.denied_response.status.code == 403
+    assert denied.denied_response.body == "RBAC: access denied"
+    headers = {h.header.key: h.header.value for h in denied.denied_response.headers}
+    assert headers["x-ext-authz-policy"] == "no-allow-match"
+
+
+def test_malformed_check_request_is_denied_not_an_error(server: Server) -> None:
+    response = server.check(CheckRequest(), timeout=5)
+    assert response.status.code != 0 and response.denied_response.status.code == 403
+    assert "malformed CheckRequest" in server.process.log_tail(50)
+
+
+def test_sighup_reload_switches_decisions_and_rejects_a_bad_set(server: Server) -> None:
+    (server.policies / "deny.yaml").write_text(DENY_ALL)
+    server.process.popen.send_signal(signal.SIGHUP)
+    wait_for(lambda: server.check(request(), timeout=5).status.code != 0)
+    assert server.diagnostics.PolicyStatus(diagnostics_pb2.PolicyStatusRequest()).generation == 2
+
+    (server.policies / "broken.yaml").write_text("kind: AuthorizationPolicy\napiVersion: security.istio.io/v1\n")
+    server.process.popen.send_signal(signal.SIGHUP)
+    wait_for(lambda: "rejected" in server.process.log_tail(50))
+    status = server.diagnostics.PolicyStatus(diagnostics_pb2.PolicyStatusRequest())
+    assert status.generation == 2 and status.authorization_policies == 2  # last good set kept
+    assert server.health() == health_pb2.HealthCheckResponse.SERVING
+    assert server.check(request(), timeout=5).status.code != 0  # still deny-all
+
+
+def test_diagnostics_explain(server: Server) -> None:
+    doc = textwrap.dedent("""\
+        method: POST
+        host: httpbin.foo:8000
+        path: /post
+        source: {principal: spiffe://cluster.local/ns/foo/sa/sleep, address: 10.0.0.5}
+        destination: {principal: spiffe://cluster.local/ns/foo/sa/httpbin, address: 10.0.1.10, port: 80}
+        """)
+    answer = server.diagnostics.Explain(diagnostics_pb2.ExplainRequest(request_document=doc))
+    assert not answer.allowed and answer.http_status == 403
+    assert "to[0].operation.methods" in answer.text
+    with pytest.raises(grpc.RpcError) as info:
+        server.diagnostics.Explain(diagnostics_pb2.ExplainRequest(request_document="[1, 2]"))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_reflection_lists_every_service(server: Server) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(server.channel)
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"envoy.service.auth.v3.Authorization", "authz_server.diagnostics.v1.Diagnostics",
+            "grpc.health.v1.Health"} <= names
+
+
+def test_sigterm_drains_and_exits_zero(server: Server) -> None:
+    server.process.popen.send_signal(signal.SIGTERM)
+    assert server.process.popen.wait(timeout=20) == 0
+    assert "stopped" in server.process.log_tail(5)
+
+
+def test_invalid_policies_at_startup_never_serve_and_deny(tmp_path: Path) -> None:
+    policies = tmp_path / "bad.yaml"
+    policies.write_text(DENY_ALL.replace("rules: [{}]", "rules: [{to: []}]"))
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    with ProcessGroup(tmp_path / "logs") as group:
+        process = group.start(
+            "authz-server", ["authz-server", "serve", "--policies", str(policies), "--listen", address],
+            ready=lambda: "rejected" in (tmp_path / "logs" / "authz-server.log").read_text(),
+        )
+        assert not grpc_serving(address)
+        with grpc.insecure_channel(address) as channel:
+            response = external_auth_pb2_grpc.AuthorizationStub(channel).Check(request(), timeout=5)
+        assert response.status.code != 0 and response.denied_response.status.code == 403
+        assert "spec.rules[0].to: empty `to`" in process.log_tail(20)
