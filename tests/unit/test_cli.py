@@ -1,0 +1,88 @@
+"""The command line: validate lists every problem, explain says why, settings come from env too."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from authz_server.cli import build_parser, main
+from authz_server.settings import OPTIONS, add_options, parse_labels
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+BAD = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: bad, namespace: foo}
+spec:
+  action: DENY
+  rules:
+  - from: [{source: {ipBlocks: [300.1.1.1]}}]
+    to: [{operation: {ports: ["99999"]}}]
+"""
+
+
+def test_validate_ok(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(EXAMPLES / "policies")]) == 0
+    assert "OK: 2 AuthorizationPolicies, 1 RequestAuthentications, 0 errors" in capsys.readouterr().err
+
+
+def test_validate_prints_one_line_per_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "bad.yaml").write_text(BAD)
+    assert main(["validate", str(tmp_path)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    prefix = f"{tmp_path / 'bad.yaml'}: AuthorizationPolicy/foo/bad: spec.rules[0]."
+    assert lines == [
+        f"{prefix}from[0].source.ipBlocks[0]: invalid IP address or CIDR '300.1.1.1'",
+        f"{prefix}to[0].operation.ports[0]: invalid port '99999': must be a decimal number 0-65535",
+    ]
+
+
+def test_explain_prints_decision_policy_and_reasons(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["explain", "--policies", str(EXAMPLES / "policies"), "--request", str(EXAMPLES / "request.yaml"),
+                 "--jwks-refresh-min-interval", "3600"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "decision: ALLOW (HTTP 200)" in out
+    assert "policy:   foo/allow-sleep-and-admins rule[0]" in out
+    assert "rule[1]: no match: no from entry matched (failed: from[0].source.requestPrincipals)" in out
+
+
+def test_explain_rejects_a_bad_request_description(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    request = tmp_path / "r.yaml"
+    request.write_text("method: GET\nbody: x\n")
+    assert main(["explain", "--policies", str(EXAMPLES / "policies"), "--request", str(request)]) == 2
+    assert "unknown fields ['body']" in capsys.readouterr().err
+
+
+def test_every_option_reads_its_environment_variable() -> None:
+    parser = argparse.ArgumentParser()
+    add_options(parser, "serve", {"AUTHZ_WORKLOAD_LABELS": "app=x,version=v1", "AUTHZ_NUM_TRUSTED_PROXIES": "2",
+                                  "AUTHZ_LISTEN": "127.0.0.1:7000"})
+    args = parser.parse_args([])
+    assert args.workload_labels == {"app": "x", "version": "v1"}
+    assert args.num_trusted_proxies == 2 and args.listen == "127.0.0.1:7000"
+    assert parser.parse_args(["--num-trusted-proxies", "3"]).num_trusted_proxies == 3  # flag wins
+
+
+def test_help_documents_every_serve_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option in OPTIONS:
+        if "serve" in option.commands:
+            assert option.flag in text and option.env in text
+
+
+def test_bad_environment_value_is_a_clear_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    with pytest.raises(SystemExit):
+        add_options(parser, "serve", {"AUTHZ_WORKLOAD_KIND": "pod"})
+    assert "AUTHZ_WORKLOAD_KIND: invalid workload kind 'pod'" in capsys.readouterr().err
+
+
+def test_labels_syntax() -> None:
+    assert parse_labels(" app=x , version=v1 ") == {"app": "x", "version": "v1"}
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_labels("app")

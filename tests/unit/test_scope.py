@@ -1,0 +1,67 @@
+"""Which policies apply to which workload (SPEC 2): namespaces, selectors, targetRefs by proxy kind."""
+
+from __future__ import annotations
+
+import pytest
+
+from authz_server.engine.request import Workload
+from authz_server.engine.scope import applies, destination_service
+from authz_server.policy.model import Attachment, TargetRef
+
+ROOT = "istio-system"
+SIDECAR = Workload("foo", {"app": "httpbin", "version": "v1"}, "sidecar")
+K8S_GW = Workload("foo", {"gateway.networking.k8s.io/gateway-name": "my-gw",
+                          "gateway.networking.k8s.io/gateway-class-name": "istio"}, "k8s-gateway")
+WAYPOINT = Workload("foo", {"gateway.networking.k8s.io/gateway-name": "waypoint"}, "waypoint")
+GATEWAY_REF = TargetRef("gateway.networking.k8s.io", "Gateway", "my-gw")
+
+
+@pytest.mark.parametrize(
+    ("attachment", "namespace", "expected"),
+    [
+        (Attachment(None), "foo", True),  # namespace-wide
+        (Attachment(None), ROOT, True),  # mesh-wide
+        (Attachment(None), "bar", False),  # another namespace
+        (Attachment({"app": "httpbin"}), "foo", True),
+        (Attachment({"app": "httpbin"}), ROOT, True),  # root + selector: matching workloads anywhere
+        (Attachment({"app": "httpbin", "version": "v2"}), "foo", False),  # matchLabels must be a subset
+        (Attachment({}), "foo", True),  # empty matchLabels selects everything
+        (Attachment(None, (GATEWAY_REF,)), "foo", False),  # sidecars ignore targetRefs
+    ],
+)
+def test_sidecar_scoping(attachment: Attachment, namespace: str, expected: bool) -> None:
+    assert applies(attachment, namespace, SIDECAR, ROOT) is expected
+
+
+def test_gateway_api_gateway_honours_target_refs_and_selectors() -> None:
+    assert applies(Attachment(None, (GATEWAY_REF,)), "foo", K8S_GW, ROOT)
+    assert not applies(Attachment(None, (TargetRef("gateway.networking.k8s.io", "Gateway", "other"),)), "foo", K8S_GW, ROOT)
+    assert applies(Attachment({"gateway.networking.k8s.io/gateway-name": "my-gw"}), "foo", K8S_GW, ROOT)
+    gateway_class = Attachment(None, (TargetRef("gateway.networking.k8s.io", "GatewayClass", "istio"),))
+    assert applies(gateway_class, ROOT, K8S_GW, ROOT)
+    assert not applies(gateway_class, "foo", K8S_GW, ROOT)  # GatewayClass only from the root namespace
+
+
+def test_waypoint_honours_only_target_refs() -> None:
+    service_ref = Attachment(None, (TargetRef("", "Service", "reviews"),))
+    assert applies(service_ref, "foo", WAYPOINT, ROOT, ("reviews", "foo"))
+    assert not applies(service_ref, "foo", WAYPOINT, ROOT, ("ratings", "foo"))
+    assert applies(Attachment(None, (TargetRef("gateway.networking.k8s.io", "GatewayClass", "istio-waypoint"),)),
+                   ROOT, WAYPOINT, ROOT)
+    assert applies(Attachment(None, (TargetRef("gateway.networking.k8s.io", "Gateway", "waypoint"),)),
+                   "foo", WAYPOINT, ROOT)
+    assert not applies(Attachment(None), "foo", WAYPOINT, ROOT)
+    assert not applies(Attachment({"gateway.networking.k8s.io/gateway-name": "waypoint"}), "foo", WAYPOINT, ROOT)
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("reviews.bar.svc.cluster.local:9080", ("reviews", "bar")),
+        ("reviews.bar", ("reviews", "bar")),
+        ("reviews:9080", ("reviews", "foo")),
+        ("www.example.com", None),
+    ],
+)
+def test_waypoint_destination_service_from_authority(host: str, expected: tuple[str, str] | None) -> None:
+    assert destination_service(host, "foo") == expected
