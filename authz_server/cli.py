@@ -3,6 +3,7 @@
     authz-server serve --policies PATH [--listen HOST:PORT] ...
     authz-server validate PATH
     authz-server explain --policies PATH --request FILE
+    authz-server demo
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     explain = commands.add_parser("explain", help="evaluate one described request offline and say why")
     explain.add_argument("--request", required=True, help="request description (YAML or JSON; '-' for stdin)")
     add_options(explain, "explain")
+    demo = commands.add_parser("demo", help="run the local mesh demo: real Envoy gateways and sidecars, mTLS, "
+                               "a JWT issuer, scripted requests, a table of results")
+    demo.add_argument("--workdir", default=".demo", help="where certificates, configs and logs go [.demo]")
+    demo.add_argument("--keep-running", action="store_true", help="after the script, keep the mesh up until Ctrl-C")
+    demo.add_argument("--log-level", default="WARNING", type=str.upper, help="server log level [WARNING]")
     return parser
 
 
@@ -46,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "validate":
         return validate(args.path)
+    if args.command == "demo":
+        from authz_server.demo.run import run_demo
+
+        return run_demo(Path(args.workdir), keep_running=args.keep_running)
     if not args.policies:
         print("error: --policies (or AUTHZ_POLICIES) is required", file=sys.stderr)
         return EXIT_USAGE

@@ -1,0 +1,415 @@
+"""Envoy bootstrap configs for the roles Istio's proxies play, each calling the authz server.
+
+The configs copy what istiod generates where it matters to the CheckRequest (SPEC sections 5, 8 and
+8.1): the sidecar's inbound listener terminates mTLS, requires a client certificate and appends to
+``x-forwarded-client-cert``; gateways use the remote address and a configurable number of trusted
+XFF hops; the ext_authz filter is gRPC, V3, fail-closed. Unlike Istio, each proxy's node metadata
+carries the workload's ``LABELS`` and the filter names them in ``bootstrap_metadata_labels_key``, so
+the CheckRequest's ``destination.labels`` tells the server which workload it decides for.
+
+Every role is the same listener/cluster/filter builders with different options; the configs are
+plain dicts, written with :func:`write_config`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .pki import IssuedCert
+
+Config = dict[str, Any]
+
+LABELS_KEY = "LABELS"
+"""Node metadata key holding the workload labels, as in Istio's node metadata."""
+
+_XFCC_DETAILS = {"subject": True, "uri": True, "dns": True}
+_TLS_SOCKET = "envoy.transport_sockets.tls"
+_TYPE = "type.googleapis.com/envoy."
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The workload a proxy belongs to: reported as node metadata (``NAMESPACE``, ``LABELS``)."""
+
+    name: str
+    namespace: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AuthzSettings:
+    """Where the authz server listens and how Envoy's connections to it are pooled.
+
+    Checks are spread over the server's worker processes by connection (each process accepts its
+    own connections), so the pool must open several: a stream cap per HTTP/2 connection makes
+    Envoy open another connection under concurrency, and a request cap per connection recycles
+    connections under sequential load so new ones land on other workers. ``None`` disables a cap.
+    """
+
+    port: int
+    host: str = "127.0.0.1"
+    timeout_s: float = 2.0
+    max_concurrent_streams: int | None = 16
+    max_requests_per_connection: int | None = 1000
+    labels_key: str | None = LABELS_KEY
+    cluster_name: str = "outbound|9000||authz-server.istio-system.svc.cluster.local"
+    authority: str = "authz-server.istio-system.svc.cluster.local"
+
+
+@dataclass(frozen=True)
+class UpstreamTls:
+    """Client-side TLS to an upstream: the CA to trust, SNI, optional client cert and SAN pin."""
+
+    ca_path: Path
+    sni: str
+    client_cert: IssuedCert | None = None
+    expected_san: str | None = None
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A loopback upstream a route sends to."""
+
+    port: int
+    tls: UpstreamTls | None = None
+    http2: bool = False
+    host: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Proxy:
+    """What every role shares: admin port, workload identity, the authz server (None: no filter)."""
+
+    admin_port: int
+    workload: Workload
+    authz: AuthzSettings | None
+    access_log: bool = True
+
+
+def front_proxy(proxy: Proxy, *, listen_port: int, upstream: Upstream) -> Config:
+    """A plain HTTP listener with ext_authz in front of one upstream."""
+    return _bootstrap(
+        proxy,
+        "front-proxy",
+        [_listener("front", listen_port, _hcm(proxy, "front", {"*": "app"}), tls=None)],
+        {"app": upstream},
+    )
+
+
+def sidecar_server(
+    proxy: Proxy, *, listen_port: int, app: Upstream, identity: IssuedCert, service_port: int = 8000
+) -> Config:
+    """The server workload's inbound sidecar: mTLS with a required client cert, XFCC, ext_authz.
+
+    Like Istio's inbound listener: ``forward_client_cert_details: APPEND_FORWARD`` with the
+    current peer's subject, URI and DNS, ``use_remote_address: false``.
+    """
+    cluster = f"inbound|{service_port}||"
+    hcm = _hcm(
+        proxy,
+        f"inbound_0.0.0.0_{service_port}",
+        {"*": cluster},
+        forward_client_cert_details="APPEND_FORWARD",
+        set_current_client_cert_details=_XFCC_DETAILS,
+    )
+    tls = _downstream_tls(identity, require_client_cert=True)
+    return _bootstrap(
+        proxy, "sidecar", [_listener("virtualInbound", listen_port, hcm, tls)], {cluster: app}
+    )
+
+
+def sidecar_client(
+    proxy: Proxy, *, listen_port: int, services: Mapping[str, Upstream], service_port: int = 8000
+) -> Config:
+    """The client workload's outbound sidecar: plaintext from the app, mTLS onwards, by Host.
+
+    Each service host maps to the next hop — the server's sidecar, or the egress gateway for an
+    external host — carrying the client workload's certificate and the SNI Istio would use
+    (``outbound_.8000_._.<host>``). Clusters are named ``outbound|<service_port>||<host>``.
+    """
+    routes, clusters = _by_host(services, service_port)
+    hcm = _hcm(proxy, f"outbound_0.0.0.0_{listen_port}", routes)
+    return _bootstrap(
+        proxy, "sidecar", [_listener("virtualOutbound", listen_port, hcm, None)], clusters
+    )
+
+
+def ingress_gateway(
+    proxy: Proxy,
+    *,
+    listen_port: int,
+    upstream: Upstream,
+    server_cert: IssuedCert,
+    xff_num_trusted_hops: int = 0,
+) -> Config:
+    """An ingress gateway terminating TLS (no client cert) with Istio's gateway XFF handling."""
+    hcm = _hcm(
+        proxy,
+        "outbound_0.0.0.0_443",
+        {"*": "ingress-upstream"},
+        **_gateway_options(xff_num_trusted_hops),
+    )
+    tls = _downstream_tls(server_cert, require_client_cert=False)
+    return _bootstrap(
+        proxy, "router", [_listener("gateway-https", listen_port, hcm, tls)],
+        {"ingress-upstream": upstream},
+    )
+
+
+def egress_gateway(
+    proxy: Proxy,
+    *,
+    listen_port: int,
+    hosts: Mapping[str, Upstream],
+    identity: IssuedCert | None = None,
+    xff_num_trusted_hops: int = 0,
+    service_port: int = 80,
+) -> Config:
+    """An egress gateway routing by Host to stand-in "external" upstreams.
+
+    With *identity* the listener requires mTLS (Istio's ISTIO_MUTUAL hop from the client sidecar),
+    so ``source.principal`` is the caller's SPIFFE id; without it the listener is plaintext.
+    Unknown hosts get Envoy's 404.
+    """
+    routes, clusters = _by_host(hosts, service_port)
+    hcm = _hcm(
+        proxy,
+        f"outbound_0.0.0.0_{service_port}",
+        routes,
+        **_gateway_options(xff_num_trusted_hops),
+    )
+    tls = _downstream_tls(identity, require_client_cert=True) if identity else None
+    return _bootstrap(proxy, "router", [_listener("egress", listen_port, hcm, tls)], clusters)
+
+
+def write_config(config: Config, path: Path) -> Path:
+    """Write *config* as YAML (Envoy picks the format from the ``.yaml`` suffix)."""
+    path = Path(path)
+    path.write_text(yaml.dump(config, Dumper=_PlainDumper, sort_keys=False))
+    return path
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """Spells shared sub-dicts out instead of writing YAML anchors and aliases."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _gateway_options(xff_num_trusted_hops: int) -> Config:
+    """Istio's gateway HCM: trust the peer address (plus N XFF hops); XFCC default SANITIZE_SET."""
+    return {
+        "use_remote_address": True,
+        "xff_num_trusted_hops": xff_num_trusted_hops,
+        "forward_client_cert_details": "SANITIZE_SET",
+        "set_current_client_cert_details": _XFCC_DETAILS,
+    }
+
+
+def _by_host(
+    hosts: Mapping[str, Upstream], service_port: int
+) -> tuple[dict[str, str], dict[str, Upstream]]:
+    """Istio-named clusters ``outbound|<port>||<host>`` and the host → cluster routes to them."""
+    names = {host: f"outbound|{service_port}||{host}" for host in hosts}
+    return names, {names[host]: upstream for host, upstream in hosts.items()}
+
+
+def _bootstrap(
+    proxy: Proxy, node_type: str, listeners: list[Config], upstreams: Mapping[str, Upstream]
+) -> Config:
+    """Wrap listeners and clusters with node identity (Istio-style id and metadata) and admin."""
+    workload = proxy.workload
+    clusters = [_cluster(name, upstream) for name, upstream in upstreams.items()]
+    if proxy.authz is not None:
+        clusters.append(_authz_cluster(proxy.authz))
+    return {
+        "node": {
+            "id": f"{node_type}~127.0.0.1~{workload.name}.{workload.namespace}"
+            f"~{workload.namespace}.svc.cluster.local",
+            "cluster": f"{workload.name}.{workload.namespace}",
+            "metadata": {
+                "NAMESPACE": workload.namespace,
+                "WORKLOAD_NAME": workload.name,
+                LABELS_KEY: dict(workload.labels),
+            },
+        },
+        "admin": {"address": _address("127.0.0.1", proxy.admin_port)},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    }
+
+
+def _listener(name: str, port: int, hcm: Config, tls: Config | None) -> Config:
+    chain: Config = {
+        "filters": [
+            {
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": hcm,
+            }
+        ]
+    }
+    if tls is not None:
+        chain["transport_socket"] = tls
+    return {"name": name, "address": _address("127.0.0.1", port), "filter_chains": [chain]}
+
+
+def _hcm(
+    proxy: Proxy, stat_prefix: str, routes: Mapping[str, str], **options: Any
+) -> Config:
+    """An HTTP connection manager: one virtual host per domain → cluster, ext_authz, router.
+
+    A domain ``host`` also matches ``host:<port>``; ``*`` matches everything.
+    """
+    virtual_hosts = [
+        {
+            "name": domain if domain != "*" else "default",
+            "domains": [domain] if domain == "*" else [domain, f"{domain}:*"],
+            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": cluster, "timeout": "10s"}}],
+        }
+        for domain, cluster in routes.items()
+    ]
+    filters = [_ext_authz_filter(proxy.authz)] if proxy.authz is not None else []
+    filters.append(
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": _TYPE + "extensions.filters.http.router.v3.Router"},
+        }
+    )
+    hcm: Config = {
+        "@type": _TYPE + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": stat_prefix,
+        "codec_type": "AUTO",
+        "route_config": {"name": stat_prefix, "virtual_hosts": virtual_hosts},
+        "http_filters": filters,
+        **options,
+    }
+    if proxy.access_log:
+        hcm["access_log"] = [
+            {
+                "name": "envoy.access_loggers.stdout",
+                "typed_config": {"@type": _TYPE + "extensions.access_loggers.stream.v3.StdoutAccessLog"},
+            }
+        ]
+    return hcm
+
+
+def _ext_authz_filter(authz: AuthzSettings) -> Config:
+    """The filter as istiod renders an ``envoyExtAuthzGrpc`` provider, plus the labels key."""
+    config: Config = {
+        "@type": _TYPE + "extensions.filters.http.ext_authz.v3.ExtAuthz",
+        "transport_api_version": "V3",
+        "failure_mode_allow": False,
+        "grpc_service": {
+            "envoy_grpc": {"cluster_name": authz.cluster_name, "authority": authz.authority},
+            "timeout": _duration(authz.timeout_s),
+        },
+    }
+    if authz.labels_key is not None:
+        config["bootstrap_metadata_labels_key"] = authz.labels_key
+    return {"name": "envoy.filters.http.ext_authz", "typed_config": config}
+
+
+def _authz_cluster(authz: AuthzSettings) -> Config:
+    """An HTTP/2 cluster whose pool opens several connections (see :class:`AuthzSettings`)."""
+    http2: Config = {}
+    if authz.max_concurrent_streams is not None:
+        http2["max_concurrent_streams"] = authz.max_concurrent_streams
+    options: Config = {
+        "@type": _TYPE + "extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": http2},
+    }
+    if authz.max_requests_per_connection is not None:
+        options["common_http_protocol_options"] = {
+            "max_requests_per_connection": authz.max_requests_per_connection
+        }
+    return {
+        "name": authz.cluster_name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": options
+        },
+        "load_assignment": _load_assignment(authz.cluster_name, authz.host, authz.port),
+    }
+
+
+def _cluster(name: str, upstream: Upstream) -> Config:
+    cluster: Config = {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": _load_assignment(name, upstream.host, upstream.port),
+    }
+    if upstream.http2:
+        cluster["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _TYPE + "extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        }
+    if upstream.tls is not None:
+        cluster["transport_socket"] = _upstream_tls(upstream.tls, upstream.http2)
+    return cluster
+
+
+def _downstream_tls(identity: IssuedCert, *, require_client_cert: bool) -> Config:
+    common: Config = {
+        "tls_certificates": [_certificate(identity)],
+        "alpn_protocols": ["h2", "http/1.1"],
+    }
+    if require_client_cert:
+        common["validation_context"] = {"trusted_ca": {"filename": str(identity.ca_path)}}
+    return {
+        "name": _TLS_SOCKET,
+        "typed_config": {
+            "@type": _TYPE + "extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "require_client_certificate": require_client_cert,
+            "common_tls_context": common,
+        },
+    }
+
+
+def _upstream_tls(tls: UpstreamTls, http2: bool) -> Config:
+    validation: Config = {"trusted_ca": {"filename": str(tls.ca_path)}}
+    if tls.expected_san is not None:
+        validation["match_typed_subject_alt_names"] = [
+            {"san_type": "URI", "matcher": {"exact": tls.expected_san}}
+        ]
+    common: Config = {"validation_context": validation}
+    if tls.client_cert is not None:
+        common["tls_certificates"] = [_certificate(tls.client_cert)]
+    if http2:
+        common["alpn_protocols"] = ["h2"]
+    return {
+        "name": _TLS_SOCKET,
+        "typed_config": {
+            "@type": _TYPE + "extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": tls.sni,
+            "common_tls_context": common,
+        },
+    }
+
+
+def _certificate(identity: IssuedCert) -> Config:
+    return {
+        "certificate_chain": {"filename": str(identity.cert_path)},
+        "private_key": {"filename": str(identity.key_path)},
+    }
+
+
+def _load_assignment(name: str, host: str, port: int) -> Config:
+    return {
+        "cluster_name": name,
+        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(host, port)}}]}],
+    }
+
+
+def _address(host: str, port: int) -> Config:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.3f}s"
