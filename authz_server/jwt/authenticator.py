@@ -13,6 +13,7 @@ CORS preflight bypass (SPEC 7). Its observable behaviour, reproduced here:
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
 from urllib.parse import unquote
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 Outcome = Literal["none", "ok", "denied"]
 #: Envoy's extractJWT: after the prefix, skip to the first of these and take the run of them.
-_TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.")
+_TOKEN_RUN = re.compile(r"[A-Za-z0-9_.-]+")
 #: Claims Envoy always splits on spaces in the metadata payload.
 _SPACE_DELIMITED = ("scope", "permission")
 #: kid of the public-only stand-in JWKS istiod pushes when a fetch fails (SPEC 7.1).
@@ -89,6 +90,8 @@ class _Attempt:
     status: str | None = Status.MISSING
     jwt: ParsedJwt | None = None
     digest: bytes = b""
+    #: Overrides the reason derived from ``status`` (e.g. istiod's stand-in key answered).
+    reason: str = ""
     token_headers: list[str] = field(default_factory=list)
 
 
@@ -138,7 +141,7 @@ class JwtAuthenticator:
         failed = [a for a in attempts if a.status not in (Status.MISSING, Status.UNKNOWN_ISSUER)]
         failed = failed or [a for a in attempts if a.status == Status.UNKNOWN_ISSUER]
         worst = failed[0]
-        return self._denied(request, worst.status or Status.VERIFICATION_FAIL, worst.jwt, worst.digest)
+        return self._denied(request, worst.status or Status.VERIFICATION_FAIL, worst.jwt, worst.digest, worst.reason)
 
     def _extract(self, request: RequestAttributes) -> list[tuple[_Location, str]]:
         """Tokens per location, in Envoy's order: headers, query parameters, cookies."""
@@ -170,36 +173,39 @@ class JwtAuthenticator:
             if token in seen:
                 continue
             seen.add(token)
-            status, jwt, digest = await self._verify(self._providers[index], token)
+            status, jwt, digest, reason = await self._verify(self._providers[index], token)
             if attempt.jwt is None or status is not None:
-                attempt.jwt, attempt.digest = jwt, digest
+                attempt.jwt, attempt.digest, attempt.reason = jwt, digest, reason
             attempt.status = status
             if status is not None:
                 return attempt
         return attempt
 
-    async def _verify(self, provider: _Provider, token: str) -> tuple[str | None, ParsedJwt | None, bytes]:
-        """Envoy's order: parse → issuer → exp/nbf → audience → signature."""
-        parsed, digest = self._verifier.load(token)
+    async def _verify(self, provider: _Provider, token: str) -> tuple[str | None, ParsedJwt | None, bytes, str]:
+        """Envoy's order: parse → issuer → exp/nbf → audience → signature.
+
+        Returns (status or None, parsed token, digest, reason override).
+        """
+        parsed, digest, verified_by = self._verifier.load(token)
         if isinstance(parsed, str):
-            return parsed, None, digest
+            return parsed, None, digest, ""
         rule = provider.rule
         if rule.issuer and parsed.issuer != rule.issuer:
-            return Status.UNKNOWN_ISSUER, parsed, digest
+            return Status.UNKNOWN_ISSUER, parsed, digest, ""
         status = check_time(parsed, self._verifier.clock(), self._verifier.settings.leeway)
         if status is None and not audiences_allowed(provider.audiences, parsed.audiences):
             status = Status.AUDIENCE_NOT_ALLOWED
         if status is not None:
-            return status, parsed, digest
+            return status, parsed, digest, ""
         keys = await self._jwks.keys_for(rule)
         if keys is None:
-            return self._unavailable(parsed), parsed, digest
-        status = self._verifier.verify(parsed, digest, keys)
+            return self._unavailable(parsed), parsed, digest, "jwks_unavailable"
+        status = self._verifier.verify(parsed, digest, keys, verified_by)
         if status == Status.KID_ALG_MISMATCH:
             fresh = await self._jwks.refresh_for_unknown_kid(rule)
             if fresh is not None:
                 status = self._verifier.verify(parsed, digest, fresh)
-        return status, parsed, digest
+        return status, parsed, digest, ""
 
     def _unavailable(self, jwt: ParsedJwt) -> str:
         if self._settings.jwks_unavailable == "envoy":
@@ -284,15 +290,8 @@ def _from_header(value: str | None, prefix: str) -> str | None:
     at = value.find(prefix)
     if at < 0:
         return None
-    start = at + len(prefix)
-    while start < len(value) and value[start] not in _TOKEN_CHARS:
-        start += 1
-    if start == len(value):
-        return value
-    end = start
-    while end < len(value) and value[end] in _TOKEN_CHARS:
-        end += 1
-    return value[start:end]
+    run = _TOKEN_RUN.search(value, at + len(prefix))
+    return value if run is None else run.group()
 
 
 def _query_params(raw_path: str) -> dict[str, str]:

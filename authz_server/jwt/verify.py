@@ -278,7 +278,7 @@ def verify_signature(jwt: ParsedJwt, keys: KeySet) -> tuple[str | None, str]:
 @dataclass(frozen=True, slots=True)
 class _Entry:
     jwt: ParsedJwt
-    #: Fingerprint of the key that verified the signature; "" = parsed but not yet verified.
+    #: Fingerprint of the key that verified the signature.
     fingerprint: str
 
 
@@ -305,21 +305,21 @@ class TokenVerifier:
             return min(limit, entry.jwt.exp + self.settings.leeway + 1)
         return limit
 
-    def load(self, token: str) -> tuple[ParsedJwt | str, bytes]:
-        """The parsed token (or failure status) and its digest; oversize tokens are not parsed."""
+    def load(self, token: str) -> tuple[ParsedJwt | str, bytes, str]:
+        """(parsed token or failure status, digest, fingerprint of the key that verified it
+        before or ""). Oversize tokens are neither hashed nor parsed."""
         if len(token) > self.settings.max_token_bytes:
-            return Status.BAD_FORMAT, b""
+            return Status.BAD_FORMAT, b"", ""
         digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
         entry = self._cache.get(digest)
         if entry is not None:
-            return entry.jwt, digest
-        parsed = parse_jwt(token)
-        return parsed, digest
+            return entry.jwt, digest, entry.fingerprint
+        return parse_jwt(token), digest, ""
 
-    def verify(self, jwt: ParsedJwt, digest: bytes, keys: KeySet) -> str | None:
-        """Signature status for ``jwt`` against ``keys``, from the cache when possible."""
-        entry = self._cache.get(digest)
-        if entry is not None and entry.fingerprint in keys.fingerprints:
+    def verify(self, jwt: ParsedJwt, digest: bytes, keys: KeySet, verified_by: str = "") -> str | None:
+        """Signature status for ``jwt`` against ``keys``; ``verified_by`` (from :meth:`load`)
+        skips the signature check while that key is still in the set."""
+        if verified_by and verified_by in keys.fingerprints:
             self.hits += 1
             return None
         self.misses += 1

@@ -1,0 +1,71 @@
+"""Micro-benchmark of the JWT layer (not a test): µs per authenticate() decision.
+
+Measures (1) a cached token: extraction, digest lookup, exp/nbf, issuer and audience checks and
+the key-still-published check, and (2) a cache miss: parsing plus a full RS256 verification.
+
+Run:  source /work/venv/bin/activate && python loadtests/bench_jwt.py [iterations]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+
+import jwt as pyjwt
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
+
+from authz_server.engine.request import RequestAttributes
+from authz_server.jwt import JwksCache, JwtAuthenticator, TokenVerifier, parse_jwt_rules
+from authz_server.policy.issues import IssueCollector
+
+ISSUER = "https://issuer-a.example"
+
+
+def _request(token: str) -> RequestAttributes:
+    return RequestAttributes(
+        method="GET", host="httpbin.foo:8000", path="/headers", raw_path="/headers",
+        headers={"authorization": f"Bearer {token}", "user-agent": "bench"},
+    )
+
+
+async def _per_call_us(authn: JwtAuthenticator, requests: list[RequestAttributes]) -> float:
+    started = time.perf_counter()
+    for req in requests:
+        result = await authn.authenticate(req)
+        assert result.outcome == "ok", result.body
+    return (time.perf_counter() - started) / len(requests) * 1e6
+
+
+def main(iterations: int) -> None:
+    key = rsa.generate_private_key(65537, 2048)
+    jwk = {**json.loads(RSAAlgorithm.to_jwk(key.public_key())), "kid": "key-1", "alg": "RS256", "use": "sig"}
+    rules = parse_jwt_rules(
+        [{"issuer": ISSUER, "audiences": ["api"], "jwks": json.dumps({"keys": [jwk]})}], IssueCollector()
+    )
+    authn = JwtAuthenticator(rules, JwksCache(), TokenVerifier())
+    exp = int(time.time()) + 3600
+
+    def mint(n: int) -> str:
+        claims = {"iss": ISSUER, "sub": "user-1", "aud": "api", "exp": exp, "jti": str(n), "scope": "read write"}
+        return pyjwt.encode(claims, key, algorithm="RS256", headers={"kid": "key-1"})
+
+    cached = _request(mint(0))
+    asyncio.run(authn.authenticate(cached))
+    misses = [_request(mint(n)) for n in range(1, min(iterations, 3000) + 1)]
+
+    async def run() -> tuple[float, float]:
+        await _per_call_us(authn, [cached] * 1000)  # warm-up
+        hit = await _per_call_us(authn, [cached] * iterations)
+        miss = await _per_call_us(authn, misses)
+        return hit, miss
+
+    hit, miss = asyncio.run(run())
+    print(f"cached token:            {hit:8.1f} µs/decision ({iterations} calls)")
+    print(f"full RS256 verification: {miss:8.1f} µs/decision ({len(misses)} distinct tokens)")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 20000)

@@ -1,0 +1,141 @@
+"""Extraction, Istio's multi-provider requirement, and what reaches the upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from urllib.parse import quote
+
+from authz_server.jwt import Status
+from jwt_helpers import build, request
+
+A, B = "https://issuer-a.example", "https://issuer-b.example"
+
+
+def _claims(iss: str = A, **extra) -> dict:
+    return {"iss": iss, "sub": "user-1", "exp": int(time.time()) + 3600, **extra}
+
+
+def _two_issuers(keys, **rule_a) -> object:
+    authn, _, _ = build(
+        [
+            {"issuer": B, "jwks": keys.jwks_text("key-2")},
+            {"issuer": A, "jwks": keys.jwks_text("key-1"), **rule_a},
+        ]
+    )
+    return authn
+
+
+def _run(authn, req):
+    return asyncio.run(authn.authenticate(req))
+
+
+def test_two_providers(keys) -> None:
+    authn = _two_issuers(keys)
+    assert _run(authn, request(keys.mint(_claims(B), kid="key-2", sign_with="key-2"))).auth.issuer == B
+    # A's issuer with B's key: A fails on the signature; that beats "issuer not configured".
+    bad = _run(authn, request(keys.mint(_claims(A), kid="key-2", sign_with="key-2")))
+    assert bad.body == Status.KID_ALG_MISMATCH
+    unknown = _run(authn, request(keys.mint(_claims("https://evil"))))
+    assert unknown.body == Status.UNKNOWN_ISSUER
+
+
+def test_issuer_must_own_the_location(keys) -> None:
+    authn = _two_issuers(keys, fromHeaders=[{"name": "x-a-token"}])
+    # A's valid token in the default location (only B uses it): issuer not configured there.
+    result = _run(authn, request(keys.mint(_claims(A))))
+    assert result.body == Status.UNKNOWN_ISSUER
+    ok = _run(authn, request(headers={"x-a-token": keys.mint(_claims(A))}))
+    assert ok.outcome == "ok" and ok.headers_to_remove == ("x-a-token",)
+
+
+def test_query_param_cookie_and_prefix_anywhere(keys) -> None:
+    authn, _, _ = build([{"issuer": A, "jwks": keys.jwks_text("key-1")}])
+    token = keys.mint(_claims())
+    via_query = _run(authn, request(path=f"/p?x=1&access_token={quote(token)}&access_token=junk"))
+    assert via_query.outcome == "ok" and via_query.headers_to_remove == ()
+    in_middle = _run(authn, request(headers={"authorization": f"Basic abc, Bearer {token}, other"}))
+    assert in_middle.outcome == "ok"
+    assert _run(authn, request(headers={"authorization": f"bearer {token}"})).outcome == "none"
+    assert _run(authn, request(headers={"authorization": "Bearer "})).body == Status.BAD_FORMAT
+    cookie_authn, _, _ = build([{"issuer": A, "jwks": keys.jwks_text("key-1"), "fromCookies": ["s"]}])
+    assert _run(cookie_authn, request(headers={"cookie": f'a=1; s="{token}"; s=junk'})).outcome == "ok"
+    assert _run(cookie_authn, request(token)).outcome == "none"  # Authorization not configured
+
+
+def test_every_token_of_a_provider_must_verify(keys) -> None:
+    authn, _, _ = build([{"issuer": A, "jwks": keys.jwks_text("key-1")}])
+    token = keys.mint(_claims())
+    assert _run(authn, request(token, path=f"/p?access_token={token}")).outcome == "ok"  # duplicate token
+    mixed = _run(authn, request(token, path="/p?access_token=garbage"))
+    assert (mixed.http_status, mixed.body) == (401, Status.BAD_FORMAT)
+
+
+def test_output_headers_and_forwarding(keys) -> None:
+    authn, _, _ = build(
+        [
+            {
+                "issuer": A,
+                "jwks": keys.jwks_text("key-1"),
+                "outputPayloadToHeader": "x-payload",
+                "forwardOriginalToken": True,
+                "outputClaimToHeaders": [
+                    {"header": "x-level", "claim": "level"},
+                    {"header": "x-admin", "claim": "admin"},
+                    {"header": "x-team", "claim": "org.team"},
+                    {"header": "x-list", "claim": "groups"},
+                    {"header": "x-missing", "claim": "nope"},
+                    {"header": "x-ratio", "claim": "ratio"},
+                ],
+            }
+        ]
+    )
+    token = keys.mint(_claims(level=42, admin=False, org={"team": "core"}, groups=["a"], ratio=0.5))
+    result = _run(authn, request(token, headers={"x-level": "spoofed"}))
+    assert dict(result.headers_to_set) == {
+        "x-payload": token.split(".")[1],
+        "x-level": "42",
+        "x-admin": "false",
+        "x-team": "core",
+        "x-ratio": "0.5",
+    }
+    assert "authorization" not in result.headers_to_remove  # forwardOriginalToken
+    assert {"x-payload", "x-level", "x-missing"} <= set(result.headers_to_remove)
+    spoof = _run(authn, request(headers={"x-payload": "forged"}))
+    assert spoof.outcome == "none" and "x-payload" in spoof.headers_to_remove
+
+
+def test_claim_normalisation(keys) -> None:
+    authn, _, _ = build([{"issuer": A, "jwks": keys.jwks_text("key-1"), "spaceDelimitedClaims": ["roles"]}])
+    result = _run(authn, request(keys.mint(_claims(scope="a  b", permission="p", roles="r1 r2", other="x y"))))
+    claims = result.auth.claims
+    assert (claims["scope"], claims["permission"], claims["roles"], claims["other"]) == (["a", "b"], ["p"], ["r1", "r2"], "x y")
+    no_sub = _run(authn, request(keys.mint({"iss": A})))
+    assert no_sub.outcome == "ok" and no_sub.auth.subject is None
+
+
+def test_cors_preflight_and_realm(keys) -> None:
+    authn, _, _ = build([{"issuer": A, "jwks": keys.jwks_text("key-1")}])
+    preflight = request("garbage", method="OPTIONS", headers={"origin": "https://x", "access-control-request-method": "GET"})
+    assert _run(authn, preflight).outcome == "none"
+    plain_options = _run(authn, request("garbage", method="OPTIONS", headers={"origin": "https://x"}))
+    assert plain_options.http_status == 401
+    https = _run(authn, request("garbage", path="/a/b?q=1", headers={"x-forwarded-proto": "https"}))
+    assert https.www_authenticate == 'Bearer realm="https://httpbin.foo:8000/a/b", error="invalid_token"'
+
+
+def test_no_rules_and_hostile_headers_never_raise(keys) -> None:
+    empty, _, _ = build([])
+    assert _run(empty, request("anything")).outcome == "none"
+    authn, _, _ = build([{"issuer": A, "jwks": keys.jwks_text("key-1")}])
+    for value in ("Bearer \udcff.a.b", "Bearer " + "." * 10000, "Bearer " + "\x00" * 5, "Bearer é.é.é"):
+        result = _run(authn, request(headers={"authorization": value}))
+        assert result.outcome == "denied" and result.http_status == 401
+
+
+def test_result_carries_no_token(keys) -> None:
+    authn, _, _ = build([{"issuer": A, "jwks": keys.jwks_text("key-1")}])
+    token = keys.mint(_claims())
+    result = _run(authn, request(token))
+    assert token not in repr(result)
+    assert len(result.token_id) == 12
