@@ -1,0 +1,230 @@
+"""The Helm chart: every mode renders valid objects, wired the way Istio needs them."""
+from __future__ import annotations
+
+from functools import cache
+
+import helm_python
+import pytest
+import yaml
+
+from chart_validation import CHART, is_istio_kind, istio_errors, load_values, mesh_errors, render, validate
+
+CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
+MODES = {p.name.removesuffix("-values.yaml"): p for p in CI_VALUES}
+PROVIDER, LOCAL_PROVIDER = "istio-ext-authz", "istio-ext-authz-local"
+SERVICE_FQDN = "authz-istio-ext-authz.istio-ext-authz.svc.cluster.local"
+
+
+@cache
+def rendered(mode: str) -> tuple[list[dict], str]:
+    return render(load_values(MODES[mode]))
+
+
+def objects(mode: str, kind: str | None = None) -> list[dict]:
+    return [o for o in rendered(mode)[0] if kind is None or o["kind"] == kind]
+
+
+def one(mode: str, kind: str, name: str | None = None) -> dict:
+    found = [o for o in objects(mode, kind) if name is None or o["metadata"]["name"] == name]
+    assert len(found) == 1, f"{mode}: expected one {kind} {name or ''}, got {len(found)}"
+    return found[0]
+
+
+def custom_policies(mode: str) -> list[dict]:
+    return [o for o in objects(mode, "AuthorizationPolicy") if o["spec"]["action"] == "CUSTOM"]
+
+
+def mesh_providers(mode: str) -> dict[str, dict]:
+    cm = one(mode, "ConfigMap", "authz-istio-ext-authz-mesh-config")
+    mesh = yaml.safe_load(cm["data"]["mesh"])
+    return {p["name"]: p["envoyExtAuthzGrpc"] for p in mesh["extensionProviders"]}
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container["env"]}
+
+
+def test_every_mode_has_a_values_file():
+    assert set(MODES) >= {"ingress", "mesh", "egress", "ambient", "sidecar-local"}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_rendered_object_is_valid(mode):
+    errors = {}
+    for obj in objects(mode):
+        label = f"{obj['kind']}/{obj['metadata']['name']}"
+        errors[label] = validate(obj)
+        if obj["kind"] == "ConfigMap" and "mesh" in obj["data"]:
+            errors[label] += mesh_errors(yaml.safe_load(obj["data"]["mesh"]))
+    assert {k: v for k, v in errors.items() if v} == {}
+    assert any(is_istio_kind(o) for o in objects(mode)), "no Istio object was validated"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_policies_for_the_server_are_valid_istio_objects(mode):
+    """The ConfigMap holds Istio policies for the server (not the cluster); they must still be
+    what Istio's admission would accept, since the server reads Istio's schema."""
+    cm = one(mode, "ConfigMap", "authz-istio-ext-authz-policies")
+    docs = [d for text in cm["data"].values() for d in yaml.safe_load_all(text) if d]
+    assert docs
+    for doc in docs:
+        assert doc["kind"] in ("AuthorizationPolicy", "RequestAuthentication")
+        assert istio_errors(doc) == [], doc["metadata"]["name"]
+
+
+EXPECTED_CUSTOM = {
+    # mode: (namespace, selector matchLabels, targetRefs, provider)
+    "ingress": ("istio-system", {"istio": "ingressgateway"}, None, PROVIDER),
+    "mesh": ("shop", {"app": "checkout"}, None, PROVIDER),
+    "egress": ("istio-system", {"istio": "egressgateway"}, None, PROVIDER),
+    "ambient": ("shop", None, [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "waypoint"}],
+                PROVIDER),
+    "sidecar-local": ("istio-ext-authz", {"app": "httpbin", "version": "v1"}, None, LOCAL_PROVIDER),
+}
+
+
+@pytest.mark.parametrize("mode", EXPECTED_CUSTOM)
+def test_mode_renders_its_custom_policy(mode):
+    namespace, selector, target_refs, provider = EXPECTED_CUSTOM[mode]
+    [policy] = custom_policies(mode)
+    spec = policy["spec"]
+    assert policy["metadata"]["namespace"] == namespace
+    assert spec["provider"] == {"name": provider}
+    assert spec.get("selector", {}).get("matchLabels") == selector
+    assert spec.get("targetRefs") == target_refs
+    if mode == "egress":  # only the listed outbound hosts go to the server
+        assert spec["rules"] == [{"to": [{"operation": {"hosts": ["api.stripe.com", "*.github.com"]}}]}]
+    else:  # Istio never calls a CUSTOM provider without a matching rule: [{}] matches everything
+        assert spec["rules"] == [{}]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_policy_providers_are_declared_in_the_mesh_config(mode):
+    providers = mesh_providers(mode)
+    used = {p["spec"]["provider"]["name"] for p in custom_policies(mode)}
+    assert used and used <= set(providers)
+    for name, grpc in providers.items():
+        assert grpc["timeout"].endswith(("ms", "s")) and grpc["failOpen"] is False
+        if name == PROVIDER:  # the chart's Service, on its gRPC port
+            svc = one(mode, "Service")
+            assert grpc["service"] == SERVICE_FQDN
+            assert {"name": "grpc", "port": grpc["port"], "targetPort": "grpc", "appProtocol": "grpc"} \
+                in svc["spec"]["ports"]
+        else:  # sidecar-local: a ServiceEntry host that resolves to the pod's loopback
+            se = one(mode, "ServiceEntry")
+            assert se["spec"]["hosts"] == [grpc["service"]]
+            assert se["spec"]["endpoints"] == [{"address": "127.0.0.1"}]
+            assert se["spec"]["resolution"] == "STATIC"
+            assert se["spec"]["ports"][0]["number"] == grpc["port"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_notes_print_the_same_extension_providers(mode):
+    notes = rendered(mode)[1]
+    block = notes.split("extensionProviders:\n", 1)[1].split("\n\n", 1)[0]
+    printed = {p["name"]: p["envoyExtAuthzGrpc"] for p in yaml.safe_load(block)}
+    assert printed == mesh_providers(mode)
+
+
+WORKLOAD = {
+    # gateway deployments answer for the gateway's own labels and namespace
+    "ingress": ("gateway", "istio-system", "istio=ingressgateway"),
+    "egress": ("gateway", "istio-system", "istio=egressgateway"),
+    "ambient": ("waypoint", "shop", "gateway.networking.k8s.io/gateway-name=waypoint"),
+    "mesh": ("sidecar", "shop", "app=checkout"),
+}
+
+
+@pytest.mark.parametrize("mode", WORKLOAD)
+def test_server_deployment(mode):
+    deploy = one(mode, "Deployment")
+    pod = deploy["spec"]["template"]["spec"]
+    [server] = pod["containers"]
+    env = env_of(server)
+    kind, namespace, labels = WORKLOAD[mode]
+    assert env["AUTHZ_WORKLOAD_KIND"]["value"] == kind
+    assert env["AUTHZ_WORKLOAD_NAMESPACE"]["value"] == namespace
+    assert env["AUTHZ_WORKLOAD_LABELS"]["value"] == labels
+    assert env["AUTHZ_LISTEN"]["value"] == "0.0.0.0:9000"
+    assert env["AUTHZ_POLICIES"]["value"] == "/etc/authz/policies"
+    # readiness on the gRPC health service Envoy's port serves
+    assert server["readinessProbe"]["grpc"] == {"port": 9000}
+    assert server["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    selector = deploy["spec"]["selector"]["matchLabels"]
+    assert all(c["labelSelector"]["matchLabels"] == selector for c in pod["topologySpreadConstraints"])
+    assert one(mode, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]["name"] == deploy["metadata"]["name"]
+    assert "replicas" not in deploy["spec"]  # the HPA owns it
+    assert one(mode, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"] == selector
+    dr = one(mode, "DestinationRule")
+    assert dr["spec"]["host"] == SERVICE_FQDN
+    assert dr["spec"]["trafficPolicy"]["connectionPool"]["http"]["maxConcurrentStreams"] > 0
+
+
+def test_sidecar_local_runs_the_server_next_to_the_app():
+    assert objects("sidecar-local", "Service") == []  # no central server in this mode
+    app = one("sidecar-local", "Deployment", "httpbin")
+    template = app["spec"]["template"]
+    containers = {c["name"]: c for c in template["spec"]["containers"]}
+    assert set(containers) == {"httpbin", "ext-authz"}
+    env = env_of(containers["ext-authz"])
+    assert env["AUTHZ_WORKLOAD_KIND"]["value"] == "sidecar"
+    assert env["AUTHZ_WORKLOAD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    pod_labels = template["metadata"]["labels"]
+    assert env["AUTHZ_WORKLOAD_LABELS"]["value"] == ",".join(f"{k}={v}" for k, v in sorted(pod_labels.items()))
+    se_port = one("sidecar-local", "ServiceEntry")["spec"]["ports"][0]["number"]
+    assert env["AUTHZ_LISTEN"]["value"] == f"127.0.0.1:{se_port}"
+    volumes = {v["name"] for v in template["spec"]["volumes"]}
+    assert {m["name"] for m in containers["ext-authz"]["volumeMounts"]} <= volumes
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pods_are_hardened(mode):
+    for deploy in objects(mode, "Deployment"):
+        pod = deploy["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] > 0
+        assert pod["automountServiceAccountToken"] is False
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True
+            assert sc["allowPrivilegeEscalation"] is False
+            assert sc["capabilities"]["drop"] == ["ALL"]
+            assert "limits" in c.get("resources", {}) or c["name"] == "httpbin"
+        authz = [c for c in pod["containers"] if c["name"] in ("authz-server", "ext-authz")]
+        for c in authz:  # /tmp is the only writable path
+            assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"])
+
+
+def test_existing_configmap_replaces_the_inline_policies():
+    objs, _ = render({**load_values(MODES["ingress"]), "policies": {"existingConfigMap": "my-policies"}})
+    assert not [o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-policies")]
+    [deploy] = [o for o in objs if o["kind"] == "Deployment"]
+    volumes = deploy["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "policies", "configMap": {"name": "my-policies"}} in volumes
+
+
+def test_service_monitor_scrapes_the_metrics_port():
+    # ServiceMonitor's CRD (Prometheus Operator) is not vendored: check its wiring only.
+    objs, _ = render({"serviceMonitor": {"enabled": True}})
+    [sm] = [o for o in objs if o["kind"] == "ServiceMonitor"]
+    [svc] = [o for o in objs if o["kind"] == "Service"]
+    assert sm["spec"]["endpoints"][0]["port"] in {p["name"] for p in svc["spec"]["ports"]}
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+
+
+def test_timeout_must_be_a_duration_string():
+    with pytest.raises(helm_python.HelmError, match="duration"):
+        render({"istio": {"provider": {"timeout": "5"}}})
+
+
+def test_validators_reject_broken_objects():
+    """Guards against a vacuous validator: each check must catch a typical mistake."""
+    ingress = one("ingress", "AuthorizationPolicy")
+    both = {**ingress, "spec": {**ingress["spec"], "targetRefs": [{"kind": "Gateway", "name": "w"}]}}
+    assert any("only one of targetRefs or selector" in e for e in validate(both))  # CEL rule
+    typo = {**ingress, "spec": {**ingress["spec"], "actions": "CUSTOM"}}
+    assert validate(typo)  # unknown field in a CRD kind
+    deploy = one("ingress", "Deployment")
+    assert validate({**deploy, "spec": {**deploy["spec"], "replica": 2}})  # unknown core field
+    provider = {"name": PROVIDER, "envoyExtAuthzGrpc": {"service": SERVICE_FQDN, "port": 9000, "timeout": 5}}
+    assert mesh_errors({"extensionProviders": [provider]})  # timeout must be a duration string
