@@ -1,7 +1,8 @@
 """Assemble the server's parts from settings: JWKS cache, token verifier, policy store, authorizer.
 
 ``serve`` and ``explain`` build the same :class:`App`, so an explanation goes through exactly
-the parts a live Check does.
+the parts a live Check does. Serving adds the background work: JWKS refresh, the policy
+watcher, and a once-a-second sync of counters kept as plain attributes into Prometheus.
 """
 
 from __future__ import annotations
@@ -10,25 +11,32 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import sys
+from typing import Any, Awaitable, Callable, Coroutine
 
-from authz_server.authorizer import Authorizer, VerdictSettings
+from authz_server.authorizer import Authorizer, Verdict, VerdictSettings
 from authz_server.engine.engine import MeshSettings
-from authz_server.engine.request import Workload
+from authz_server.engine.request import RequestAttributes, Workload
 from authz_server.grpc_api.check_request import RequestContextSettings
 from authz_server.jwt.authenticator import JwtAuthenticator
 from authz_server.jwt.jwks import JwksCache, JwksSettings
 from authz_server.jwt.rules import JwtRule
 from authz_server.jwt.verify import TokenVerifier, VerifySettings
+from authz_server.observability import metrics
+from authz_server.observability.decision_log import DecisionLog
+from authz_server.policy.watch import PolicyWatcher
 from authz_server.policy_store import PolicyStore, ReloadResult
 
 log = logging.getLogger(__name__)
 
 #: start-up waits at most this long for the first JWKS fetches before serving
 PREFETCH_BUDGET_SECONDS = 10.0
+SYNC_SECONDS = 1.0
 
 
 class App:
     def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
         self.jwks = JwksCache(
             JwksSettings(
                 default_ttl=args.jwks_ttl,
@@ -37,22 +45,49 @@ class App:
                 ca_bundle=args.jwks_ca_bundle or None,
             )
         )
+        self.jwks.on_fetch = lambda issuer, result: metrics.JWKS_FETCHES.labels(
+            metrics.issuer_label(issuer), result).inc()
         self.verifier = TokenVerifier(VerifySettings(leeway=args.jwt_leeway, max_token_bytes=args.jwt_max_token_bytes))
         mesh = MeshSettings(args.root_namespace, args.trust_domain, tuple(args.trust_domain_aliases))
         self.store = PolicyStore(args.policies, mesh, self._authenticator)
         self.authorizer = Authorizer(
             self.store.engine,
-            VerdictSettings(policy_header=args.policy_header, ok_headers=args.ok_headers, fail_open=args.fail_open),
+            VerdictSettings(policy_header=args.policy_header, ok_headers=args.ok_headers, fail_open=args.fail_open,
+                            dry_run_header=args.dry_run_header),
         )
         workload = Workload(args.workload_namespace or None, args.workload_labels, args.workload_kind)
         self.context = RequestContextSettings(workload, args.num_trusted_proxies)
-        self._refresher: asyncio.Task[None] | None = None
+        self.decision_log = self._decision_log(args)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._synced_hits = self._synced_misses = 0
+
+    @staticmethod
+    def _decision_log(args: argparse.Namespace) -> DecisionLog | None:
+        target = getattr(args, "decision_log", "off")
+        if target == "off":
+            return None
+        return DecisionLog(sys.stdout if target == "stdout" else sys.stderr,
+                           allow_sample_rate=args.decision_log_allow_sample, include_query=args.decision_log_query)
 
     def _authenticator(self, rules: tuple[JwtRule, ...]) -> JwtAuthenticator:
         return JwtAuthenticator(rules, self.jwks, self.verifier)
 
+    def observe(self, verdict: Verdict, attrs: RequestAttributes | None, latency: float) -> None:
+        """Per answered Check: metrics, and the decision log line."""
+        metrics.record_check(verdict, latency)
+        if self.decision_log is not None:
+            self.decision_log.record(verdict, attrs, latency)
+
     def reload(self) -> ReloadResult:
-        return self.store.reload()
+        result = self.store.reload()
+        metrics.RELOADS.labels("success" if result.ok else "failure").inc()
+        policy_set = self.store.policy_set
+        if result.ok and policy_set is not None:
+            metrics.LAST_GOOD_LOAD.set(policy_set.loaded_at)
+            metrics.POLICIES.labels("AuthorizationPolicy").set(len(policy_set.authorization_policies))
+            metrics.POLICIES.labels("RequestAuthentication").set(len(policy_set.request_authentications))
+            metrics.issuer_label.update(rule.issuer for rule in self.jwt_rules())
+        return result
 
     def jwt_rules(self) -> list[JwtRule]:
         policy_set = self.store.policy_set
@@ -60,11 +95,33 @@ class App:
             return []
         return [rule for ra in policy_set.request_authentications for rule in ra.jwt_rules]
 
-    async def start(self) -> None:
-        """Load policies (off the event loop), prefetch JWKS (bounded), start background refresh."""
+    def readiness(self) -> tuple[bool, str]:
+        """Ready = a policy set is loaded and every jwksUri issuer has usable keys."""
+        if not self.store.loaded:
+            return False, f"no valid policy set loaded from {self.store.path}"
+        missing = [s.issuer for s in self.jwks.status().sources if not s.usable]
+        if missing:
+            return False, "no usable JWKS for issuer(s) " + ", ".join(sorted(set(missing)))
+        return True, f"policy generation {self.store.generation}"
+
+    async def start(self, on_change: Callable[[], Awaitable[object]] | None = None) -> None:
+        """Load policies (off the event loop), prefetch JWKS (bounded), start background work.
+
+        ``on_change`` is what the policy watcher runs when the path changes (default: reload).
+        """
         await asyncio.to_thread(self.reload)
         await self.prefetch()
-        self._refresher = asyncio.create_task(self.jwks.run_refresher())
+        self._spawn(self.jwks.run_refresher())
+        self._spawn(self._sync_forever())
+        interval = getattr(self.args, "reload_interval", 0.0)
+        if interval > 0:
+            self._spawn(PolicyWatcher(self.store.path, interval, on_change or self.reload_async).run())
+
+    async def reload_async(self) -> ReloadResult:
+        result = await asyncio.to_thread(self.reload)
+        if result.ok:
+            await self.prefetch()
+        return result
 
     async def prefetch(self) -> None:
         rules = self.jwt_rules()
@@ -80,8 +137,33 @@ class App:
                 log.warning("JWKS for issuer %s (%s) not available yet: %s",
                             source.issuer, source.uri or "discovery", source.last_error)
 
+    def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        self._tasks.append(asyncio.create_task(coroutine))
+
+    async def _sync_forever(self) -> None:
+        while True:
+            self.sync_metrics()
+            if self.decision_log is not None:
+                self.decision_log.flush()
+            await asyncio.sleep(SYNC_SECONDS)
+
+    def sync_metrics(self) -> None:
+        """Copy plain counters (token cache, JWKS key ages, readiness) into Prometheus."""
+        hits, misses = self.verifier.hits, self.verifier.misses
+        metrics.TOKEN_CACHE_HITS.inc(hits - self._synced_hits)
+        metrics.TOKEN_CACHE_MISSES.inc(misses - self._synced_misses)
+        self._synced_hits, self._synced_misses = hits, misses
+        metrics.TOKEN_CACHE_SIZE.set(self.verifier.cache_size)
+        for source in self.jwks.status().sources:
+            if source.age_seconds is not None:
+                metrics.JWKS_KEY_AGE.labels(metrics.issuer_label(source.issuer)).set(source.age_seconds)
+        metrics.WORKER_READY.set(1 if self.readiness()[0] else 0)
+
     async def stop(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+                await task
+        if self.decision_log is not None:
+            self.decision_log.flush()

@@ -10,7 +10,7 @@ fail-open) verdict with the reason logged.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 from authz_server.engine.decide import RBAC_DENIED_BODY, AuthzDecision, DryRunResult
@@ -41,10 +41,17 @@ class Verdict:
     deny_headers: Headers = ()
     #: headers to set on / remove from the upstream request on allow
     upstream_headers: Headers = ()
+    #: headers added to the client's response on allow (the dry-run header)
+    response_headers: Headers = ()
     remove_headers: tuple[str, ...] = ()
     dry_run: tuple[DryRunResult, ...] = ()
     audited: tuple[str, ...] = ()
     request_principal: str = ""
+    #: JWT outcome when a RequestAuthentication applied: its reason (ok, no_token, expired, ...),
+    #: the issuer it concerned and a short digest of the token (never the token)
+    jwt_result: str = ""
+    jwt_issuer: str = ""
+    token_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +62,8 @@ class VerdictSettings:
     ok_headers: Headers = ()
     #: allow when the server itself fails (never for a policy deny)
     fail_open: bool = False
+    #: response header carrying dry-run results to the client ("" = none)
+    dry_run_header: str = ""
 
 
 class Authorizer:
@@ -99,6 +108,7 @@ class Authorizer:
                 return Verdict(
                     False, authn.http_status, authn.body, f"jwt_{authn.reason}",
                     f"JWT rejected ({authn.reason}): {authn.body}", deny_headers=headers,
+                    jwt_result=authn.reason, jwt_issuer=authn.issuer, token_id=authn.token_id,
                 )
             if authn.auth is not None:
                 req.auth = authn.auth
@@ -108,27 +118,39 @@ class Authorizer:
 
     def _authorize(self, decision: AuthzDecision, authn: AuthnResult | None, req: RequestAttributes) -> Verdict:
         policy = decision.policy.ref if decision.policy else ""
-        principal = f"{req.auth.issuer}/{req.auth.subject}" if req.auth and req.auth.subject is not None else ""
-        verdict = Verdict(
-            decision.allowed,
-            200 if decision.allowed else 403,
-            "" if decision.allowed else RBAC_DENIED_BODY,
+        auth = req.auth
+        allowed = decision.allowed
+        dry_run = self._dry_run_header(decision)
+        return Verdict(
+            allowed,
+            200 if allowed else 403,
+            "" if allowed else RBAC_DENIED_BODY,
             decision.reason,
             decision.detail,
             policy,
             decision.rule,
+            deny_headers=() if allowed else (*self._policy_header(policy or "no-allow-match"), *dry_run),
+            response_headers=dry_run if allowed else (),
+            upstream_headers=((*authn.headers_to_set, *self.settings.ok_headers) if authn and allowed
+                              else self.settings.ok_headers if allowed else ()),
+            remove_headers=authn.headers_to_remove if authn and allowed else (),
             dry_run=decision.dry_run,
             audited=decision.audited,
-            request_principal=principal,
+            request_principal=f"{auth.issuer}/{auth.subject}" if auth and auth.subject is not None else "",
+            jwt_result=authn.reason if authn else "",
+            jwt_issuer=authn.issuer if authn else "",
+            token_id=authn.token_id if authn else "",
         )
-        if not decision.allowed:
-            return replace(verdict, deny_headers=self._policy_header(policy or "no-allow-match"))
-        upstream = self.settings.ok_headers
-        removed: tuple[str, ...] = ()
-        if authn is not None:
-            upstream = (*authn.headers_to_set, *upstream)
-            removed = authn.headers_to_remove
-        return replace(verdict, upstream_headers=upstream, remove_headers=removed)
+
+    def _dry_run_header(self, decision: AuthzDecision) -> Headers:
+        """``deny=denied:ns[foo]-policy[x]-rule[0]; allow=denied`` — what dry-run engines said."""
+        if not self.settings.dry_run_header or not decision.dry_run:
+            return ()
+        value = "; ".join(
+            f"{d.action.value.lower()}={d.engine_result}" + (f":{d.effective_policy_id}" if d.effective_policy_id else "")
+            for d in decision.dry_run
+        )
+        return ((self.settings.dry_run_header, value),)
 
     def _policy_header(self, value: str) -> Headers:
         name = self.settings.policy_header

@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, args.log_level, logging.INFO),
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if args.command == "explain":
         return asyncio.run(explain(args))
-    return serve(args)
+    return serve(args, argv)
 
 
 def validate(path: str) -> int:
@@ -98,13 +99,43 @@ async def explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def serve(args: argparse.Namespace) -> int:
+def serve(args: argparse.Namespace, argv: list[str]) -> int:
+    import os
+
+    workers = args.workers or os.cpu_count() or 1
+    if workers > 1:
+        from authz_server.workers import Supervisor
+
+        return Supervisor(argv, workers, args.metrics_listen, args.grace_period).run()
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("error: --tls-cert and --tls-key go together", file=sys.stderr)
+        return EXIT_USAGE
+
     from authz_server.app import App
     from authz_server.grpc_api.server import AuthzGrpcServer
+    from authz_server.grpc_api.tls import RotatingCertificates
+
+    try:
+        tls = RotatingCertificates(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    except (OSError, ValueError) as exc:
+        print(f"error: TLS: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
     async def run() -> int:
-        server = AuthzGrpcServer(App(args), args.listen, args.grace_period)
-        return await server.run()
+        app = App(args)
+        endpoint = None
+        if args.metrics_listen:
+            from prometheus_client import REGISTRY
+
+            from authz_server.observability.http_endpoint import OpsEndpoint
+
+            endpoint = OpsEndpoint(args.metrics_listen, REGISTRY, app.readiness)
+            endpoint.start()
+        try:
+            return await AuthzGrpcServer(app, args.listen, args.grace_period, tls).run()
+        finally:
+            if endpoint is not None:
+                endpoint.stop()
 
     try:
         import uvloop  # optional (pip install .[fast]): a faster event loop

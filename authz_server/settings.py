@@ -67,6 +67,30 @@ def positive_float(text: str) -> float:
     return value
 
 
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    return 0.0 if text.strip() in ("0", "0.0") else positive_float(text)
+
+
+def listen_or_off(text: str) -> str:
+    return "" if text in ("", "off") else parse_listen(text)
+
+
+def decision_log_target(text: str) -> str:
+    if text not in ("stdout", "stderr", "off"):
+        raise argparse.ArgumentTypeError(f"invalid decision log {text!r}: stdout, stderr or off")
+    return text
+
+
 def workload_kind(text: str) -> str:
     if text not in WORKLOAD_KINDS:
         raise argparse.ArgumentTypeError(f"invalid workload kind {text!r}: one of {', '.join(WORKLOAD_KINDS)}")
@@ -109,6 +133,22 @@ OPTIONS: tuple[Option, ...] = (
     Option("fail_open", "allow when the server itself fails (malformed CheckRequest, internal error); "
            "policy denies are never affected", "false", parse_bool),
     Option("grace_period", "seconds to finish in-flight Checks on SIGTERM", "10", positive_float, ("serve",)),
+    Option("workers", "worker processes sharing the gRPC port (SO_REUSEPORT); 0 = one per CPU", "0",
+           non_negative_int, ("serve",)),
+    Option("metrics_listen", "HTTP address for /metrics, /healthz, /readyz ('off' disables)", "0.0.0.0:9090",
+           listen_or_off, ("serve",)),
+    Option("decision_log", "one JSON line per Check to stdout, stderr, or off", "stdout", decision_log_target,
+           ("serve",)),
+    Option("decision_log_allow_sample", "fraction of allowed Checks logged (denies are always logged)", "1.0",
+           fraction, ("serve",)),
+    Option("decision_log_query", "log the query string (sensitive parameters redacted)", "false", parse_bool,
+           ("serve",)),
+    Option("dry_run_header", "response header carrying dry-run results to the client ('' = none)", ""),
+    Option("reload_interval", "seconds between checks of the policy path for changes (0 = only on SIGHUP)", "2",
+           non_negative_float, ("serve",)),
+    Option("tls_cert", "PEM certificate chain for TLS on the gRPC listener ('' = plaintext)", "", str, ("serve",)),
+    Option("tls_key", "PEM private key for --tls-cert", "", str, ("serve",)),
+    Option("tls_client_ca", "PEM CA bundle: require and verify client certificates (mTLS)", "", str, ("serve",)),
     Option("jwt_leeway", "seconds of clock skew allowed for exp/nbf", "60", non_negative_int),
     Option("jwt_max_token_bytes", "tokens longer than this are rejected before parsing", "8192", non_negative_int),
     Option("jwks_ca_bundle", "CA bundle (PEM) to verify jwksUri/discovery HTTPS servers ('' = system CAs)", ""),

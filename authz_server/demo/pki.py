@@ -9,6 +9,7 @@ TLS handshake to derive identities from.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,18 +82,21 @@ def issue_workload_cert(
     spiffe_id: str | None,
     *,
     dns_names: Iterable[str] = (),
+    ip_addresses: Iterable[str] = (),
     name: str | None = None,
 ) -> IssuedCert:
     """Sign a leaf certificate usable as TLS server and client, written next to the CA.
 
     A workload certificate has only the SPIFFE URI SAN and an empty subject, as Istio's do; a
-    gateway's serving certificate has DNS SANs (and then a CN of the first name). *name* picks the
-    file stem; by default it is derived from the SPIFFE id or the first DNS name.
+    gateway's serving certificate has DNS SANs (and then a CN of the first name). *ip_addresses*
+    add IP SANs, which clients need to verify a server addressed as ``https://127.0.0.1:<port>``.
+    *name* picks the file stem; by default it is derived from the SPIFFE id or the first DNS name.
     """
     dns = tuple(dns_names)
     if spiffe_id is None and not dns:
         raise ValueError("a certificate needs a SPIFFE id or at least one DNS name")
     sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+    sans.extend(x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses)
     if spiffe_id is not None:
         sans.insert(0, x509.UniformResourceIdentifier(spiffe_id))
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns[0])] if dns else [])

@@ -195,10 +195,14 @@ class ProcessGroup:
         name: str = "authz-server",
         timeout_s: float = 30.0,
     ) -> ManagedProcess:
-        """Run ``authz-server serve`` on 127.0.0.1:*port*; ready when its health says SERVING."""
+        """Run ``authz-server serve`` on 127.0.0.1:*port*; ready when its health says SERVING.
+
+        One worker and no metrics port unless *extra_args* say otherwise (later flags win), so
+        several servers can run side by side.
+        """
         argv = [
             *authz_server_command(), "serve", "--policies", str(policies),
-            "--listen", f"127.0.0.1:{port}", *extra_args,
+            "--listen", f"127.0.0.1:{port}", "--workers", "1", "--metrics-listen", "off", *extra_args,
         ]
         address = f"127.0.0.1:{port}"
         return self.start(name, argv, ready=lambda: grpc_serving(address), timeout_s=timeout_s)

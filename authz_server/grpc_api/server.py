@@ -20,6 +20,7 @@ from authz_server._proto import diagnostics_pb2, diagnostics_pb2_grpc
 from authz_server.app import App
 from authz_server.grpc_api.diagnostics import DiagnosticsService
 from authz_server.grpc_api.servicer import AuthorizationService
+from authz_server.grpc_api.tls import RotatingCertificates
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +29,15 @@ DIAGNOSTICS_SERVICE = diagnostics_pb2.DESCRIPTOR.services_by_name["Diagnostics"]
 
 
 class AuthzGrpcServer:
-    def __init__(self, app: App, listen: str, grace_period: float) -> None:
+    def __init__(self, app: App, listen: str, grace_period: float, tls: RotatingCertificates | None = None) -> None:
         self.app = app
         self.listen = listen
         self.grace_period = grace_period
+        # SO_REUSEPORT lets several worker processes share the port; the kernel balances connections.
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
         self.health = health.aio.HealthServicer()
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-            AuthorizationService(app.authorizer, app.context), self.server
+            AuthorizationService(app.authorizer, app.context, app.observe), self.server
         )
         diagnostics_pb2_grpc.add_DiagnosticsServicer_to_server(
             DiagnosticsService(app.store, app.authorizer, app.context), self.server
@@ -44,7 +46,10 @@ class AuthzGrpcServer:
         reflection.enable_server_reflection(
             (AUTHORIZATION_SERVICE, DIAGNOSTICS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        self.port = self.server.add_insecure_port(listen)
+        if tls is None:
+            self.port = self.server.add_insecure_port(listen)
+        else:
+            self.port = self.server.add_secure_port(listen, tls.credentials())
         self._stopping = asyncio.Event()
 
     async def _set_serving(self, serving: bool) -> None:
@@ -60,7 +65,8 @@ class AuthzGrpcServer:
         loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
         loop.add_signal_handler(signal.SIGINT, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload()))
-        await self.app.start()
+        await self.app.start(on_change=self._reload)
+        self.app.sync_metrics()
         await self._set_serving(self.app.store.loaded)
         if not self.app.store.loaded:
             log.error("no valid policy set: every Check is denied until one loads (fix it and send SIGHUP)")
@@ -73,6 +79,6 @@ class AuthzGrpcServer:
         return 0
 
     async def _reload(self) -> None:
-        result = await asyncio.to_thread(self.app.reload)
+        result = await self.app.reload_async()
         if result.ok:
             await self._set_serving(True)

@@ -251,6 +251,8 @@ class JwksCache:
         self.stats = JwksStats()
         self._clock = clock
         self._sources: dict[tuple[str, str], _Source] = {}
+        #: called with (issuer, "success" | "failure" | "rejected") after every fetch, for metrics
+        self.on_fetch: Callable[[str, str], None] | None = None
         self._ssl = ssl.create_default_context(cafile=self.settings.ca_bundle)
 
     async def keys_for(self, rule: Any) -> KeySet | None:
@@ -365,6 +367,7 @@ class JwksCache:
             if isinstance(exc, JwksError):
                 self.stats.rejected_documents += 1
             self.stats.fetch_failures += 1
+            self._notify(source, "rejected" if isinstance(exc, JwksError) else "failure")
             source.last_error = reason
             log.warning(
                 "JWKS fetch failed for issuer %r (%s): %s; %s",
@@ -380,9 +383,14 @@ class JwksCache:
             source.expires_at = now + ttl
             source.refresh_at = now + ttl * self.settings.refresh_fraction
             source.last_error = ""
+            self._notify(source, "success")
         finally:
             source.completed += 1
             source.inflight = None
+
+    def _notify(self, source: _Source, result: str) -> None:
+        if self.on_fetch is not None:
+            self.on_fetch(source.issuer, result)
 
     async def _download(self, source: _Source) -> tuple[KeySet, float]:
         uri = source.uri or await self._discover(source)

@@ -305,6 +305,11 @@ class TokenVerifier:
             return min(limit, entry.jwt.exp + self.settings.leeway + 1)
         return limit
 
+    @property
+    def cache_size(self) -> int:
+        """Tokens currently cached (for metrics)."""
+        return len(self._cache)
+
     def load(self, token: str) -> tuple[ParsedJwt | str, bytes, str]:
         """(parsed token or failure status, digest, fingerprint of the key that verified it
         before or ""). Oversize tokens are neither hashed nor parsed."""

@@ -1,0 +1,1 @@
+"""Operations: metrics, decision log, health endpoints."""

@@ -1,0 +1,66 @@
+"""The operator's HTTP port: ``/metrics``, ``/healthz`` (alive) and ``/readyz`` (ready to decide).
+
+It runs in a daemon thread with the standard library's HTTP server, off the event loop that
+answers Checks, so a slow scrape never delays a decision.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+log = logging.getLogger(__name__)
+
+#: returns (ready, why-not); evaluated on every /readyz request
+Readiness = Callable[[], tuple[bool, str]]
+
+
+class OpsEndpoint:
+    def __init__(self, listen: str, registry: CollectorRegistry, ready: Readiness,
+                 alive: Callable[[], bool] = lambda: True) -> None:
+        host, _, port = listen.rpartition(":")
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._reply(200, generate_latest(endpoint.registry), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    ok = endpoint.alive()
+                    self._reply(200 if ok else 503, b"ok\n" if ok else b"not alive\n")
+                elif path == "/readyz":
+                    ok, why = endpoint.ready()
+                    self._reply(200 if ok else 503, (f"{'ready' if ok else 'not ready'}: {why}\n").encode())
+                else:
+                    self._reply(404, b"not found\n")
+
+            def _reply(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+                log.debug("ops http: " + format, *args)
+
+        self.registry = registry
+        self.ready = ready
+        self.alive = alive
+        self.server = ThreadingHTTPServer((host or "0.0.0.0", int(port)), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, name="ops-http", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("metrics and health on http://%s:%d (/metrics /healthz /readyz)", *self.server.server_address[:2])
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
