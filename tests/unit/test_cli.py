@@ -86,3 +86,9 @@ def test_labels_syntax() -> None:
     assert parse_labels(" app=x , version=v1 ") == {"app": "x", "version": "v1"}
     with pytest.raises(argparse.ArgumentTypeError):
         parse_labels("app")
+
+
+def test_readme_documents_every_option() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [o.flag for o in OPTIONS if o.flag not in readme or o.env not in readme]
+    assert not missing, f"README configuration reference lacks {missing}"
