@@ -8,6 +8,7 @@ do no per-rule parsing.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -72,8 +73,12 @@ class RequestAttributes:
         return self.host.lower()
 
 
+@functools.lru_cache(maxsize=8192)
 def parse_ip(text: str | None) -> IPAddress | None:
-    """An IP address or ``None`` when absent or unparsable (never raises)."""
+    """An IP address or ``None`` when absent or unparsable (never raises).
+
+    Cached: peers and proxies repeat, and parsing is the costliest part of building a request.
+    """
     if not text:
         return None
     try:

@@ -69,7 +69,10 @@ def to_attributes(request: CheckRequest, settings: RequestContextSettings) -> Re
     http = attrs.request.http
     if not http.method or not http.path:
         raise MalformedCheckRequest("CheckRequest has no HTTP method or path")
-    headers: dict[str, str] = {k.lower(): v for k, v in http.headers.items()} if http.headers else {}
+    # Envoy sends lower-case names already; lower-case only if one is not (a foreign client).
+    headers: dict[str, str] = dict(http.headers)
+    if any(not k.islower() and k.lower() != k for k in headers):
+        headers = {k.lower(): v for k, v in headers.items()}
     header_values: dict[str, tuple[str, ...]] | None = None
     if http.header_map.headers:
         collected: dict[str, list[str]] = {}

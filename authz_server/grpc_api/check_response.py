@@ -7,6 +7,8 @@ Istio's own RBAC/jwt_authn filters would answer. A decision is never a gRPC erro
 
 from __future__ import annotations
 
+import functools
+
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.auth.v3.external_auth_pb2 import CheckResponse, DeniedHttpResponse, OkHttpResponse
 from envoy.type.v3.http_status_pb2 import HttpStatus
@@ -41,7 +43,12 @@ def dynamic_metadata(verdict: Verdict) -> Struct | None:
     return struct
 
 
+@functools.lru_cache(maxsize=4096)
 def to_check_response(verdict: Verdict) -> CheckResponse:
+    """The response for a verdict; cached, since a handful of verdicts make up most traffic.
+
+    Verdicts are immutable values, and a cached message is only ever read (serialised) by gRPC.
+    """
     metadata = dynamic_metadata(verdict)
     if verdict.allowed:
         return CheckResponse(

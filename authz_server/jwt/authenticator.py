@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
 from urllib.parse import unquote
 
+from cachetools import LRUCache
+
 from authz_server.engine.request import RequestAttributes, RequestAuth, strip_query
 from authz_server.jwt.jwks import JwksCache
 from authz_server.jwt.rules import JwtRule
@@ -119,6 +121,10 @@ class JwtAuthenticator:
         )
         self._locations = _locations(self.rules)
         self._sanitize = tuple(dict.fromkeys(h for r in self.rules for h in r.output_header_names))
+        # A token that verified builds the same result every time (claims, headers): build it
+        # once. Validity (time, audience, key still published) is re-checked on every request.
+        self._successes: LRUCache[tuple[int, bytes, tuple[str, ...]], AuthnResult] = LRUCache(
+            verifier.settings.cache_entries)
 
     async def authenticate(self, request: RequestAttributes) -> AuthnResult:
         """Never raises: any unexpected failure is a 401, logged without the token."""
@@ -137,7 +143,11 @@ class JwtAuthenticator:
         attempts = [await self._attempt(i, found) for i in range(len(self._providers))]
         for index, attempt in enumerate(attempts):
             if attempt.status is None and attempt.jwt is not None:
-                return self._success(self._providers[index], attempt)
+                key = (index, attempt.digest, tuple(attempt.token_headers))
+                result = self._successes.get(key)
+                if result is None:
+                    result = self._successes[key] = self._success(self._providers[index], attempt)
+                return result
         failed = [a for a in attempts if a.status not in (Status.MISSING, Status.UNKNOWN_ISSUER)]
         failed = failed or [a for a in attempts if a.status == Status.UNKNOWN_ISSUER]
         worst = failed[0]
