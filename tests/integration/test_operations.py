@@ -18,7 +18,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 
-from authz_server.demo.processes import ProcessGroup, free_port
+from authz_server.demo.processes import ProcessGroup, authz_server_command, free_port
 from tests.integration.test_server import ALLOW_GET_FROM_SLEEP, DENY_ALL, request
 
 
@@ -212,7 +212,7 @@ def test_tls_listener_rejects_plaintext_and_serves_tls(tmp_path: Path) -> None:
     with ProcessGroup(tmp_path / "logs") as group:
         group.start(
             "authz-server",
-            ["authz-server", "serve", "--policies", str(policies), "--listen", f"127.0.0.1:{port}", "--workers", "1",
+            [*authz_server_command(), "serve", "--policies", str(policies), "--listen", f"127.0.0.1:{port}", "--workers", "1",
              "--metrics-listen", "off", "--tls-cert", str(cert.cert_path), "--tls-key", str(cert.key_path)],
             ready=lambda: re.search("gRPC listening", (tmp_path / "logs" / "authz-server.log").read_text()) is not None,
         )

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from authz_server._proto import diagnostics_pb2, diagnostics_pb2_grpc
-from authz_server.demo.processes import ManagedProcess, ProcessGroup, free_port, grpc_serving
+from authz_server.demo.processes import ManagedProcess, ProcessGroup, authz_server_command, free_port, grpc_serving
 from authz_server.explain import check_request_from_description
 
 ALLOW_GET_FROM_SLEEP = """\
@@ -147,7 +147,7 @@ def test_invalid_policies_at_startup_never_serve_and_deny(tmp_path: Path) -> Non
     address = f"127.0.0.1:{port}"
     with ProcessGroup(tmp_path / "logs") as group:
         process = group.start(
-            "authz-server", ["authz-server", "serve", "--policies", str(policies), "--listen", address],
+            "authz-server", [*authz_server_command(), "serve", "--policies", str(policies), "--listen", address],
             ready=lambda: "rejected" in (tmp_path / "logs" / "authz-server.log").read_text(),
         )
         assert not grpc_serving(address)
