@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 from typing import Any, Awaitable, Callable, Coroutine
 
@@ -66,8 +67,10 @@ class App:
         target = getattr(args, "decision_log", "off")
         if target == "off":
             return None
+        worker = os.environ.get("AUTHZ_WORKER_ID")  # set by the supervisor for its workers
         return DecisionLog(sys.stdout if target == "stdout" else sys.stderr,
-                           allow_sample_rate=args.decision_log_allow_sample, include_query=args.decision_log_query)
+                           allow_sample_rate=args.decision_log_allow_sample, include_query=args.decision_log_query,
+                           worker=int(worker) if worker and worker.isdigit() else None)
 
     def _authenticator(self, rules: tuple[JwtRule, ...]) -> JwtAuthenticator:
         return JwtAuthenticator(rules, self.jwks, self.verifier)

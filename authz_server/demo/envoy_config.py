@@ -58,6 +58,8 @@ class AuthzSettings:
     labels_key: str | None = LABELS_KEY
     cluster_name: str = "outbound|9000||authz-server.istio-system.svc.cluster.local"
     authority: str = "authz-server.istio-system.svc.cluster.local"
+    #: TLS to a server running with --tls-cert (outside the mesh); None = plaintext
+    tls: UpstreamTls | None = None
 
 
 @dataclass(frozen=True)
@@ -325,7 +327,7 @@ def _authz_cluster(authz: AuthzSettings) -> Config:
         options["common_http_protocol_options"] = {
             "max_requests_per_connection": authz.max_requests_per_connection
         }
-    return {
+    cluster: Config = {
         "name": authz.cluster_name,
         "type": "STATIC",
         "connect_timeout": "1s",
@@ -334,6 +336,9 @@ def _authz_cluster(authz: AuthzSettings) -> Config:
         },
         "load_assignment": _load_assignment(authz.cluster_name, authz.host, authz.port),
     }
+    if authz.tls is not None:
+        cluster["transport_socket"] = _upstream_tls(authz.tls, True)
+    return cluster
 
 
 def _cluster(name: str, upstream: Upstream) -> Config:

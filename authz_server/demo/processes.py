@@ -199,18 +199,20 @@ class ProcessGroup:
         *,
         name: str = "authz-server",
         timeout_s: float = 30.0,
+        ready: Callable[[], bool] | None = None,
     ) -> ManagedProcess:
         """Run ``authz-server serve`` on 127.0.0.1:*port*; ready when its health says SERVING.
 
         One worker and no metrics port unless *extra_args* say otherwise (later flags win), so
-        several servers can run side by side.
+        several servers can run side by side. *ready* replaces the plaintext health probe (e.g.
+        for a TLS listener).
         """
         argv = [
             *authz_server_command(), "serve", "--policies", str(policies),
             "--listen", f"127.0.0.1:{port}", "--workers", "1", "--metrics-listen", "off", *extra_args,
         ]
         address = f"127.0.0.1:{port}"
-        return self.start(name, argv, ready=lambda: grpc_serving(address), timeout_s=timeout_s)
+        return self.start(name, argv, ready=ready or (lambda: grpc_serving(address)), timeout_s=timeout_s)
 
     def start_upstream(self, name: str, port: int, *, timeout_s: float = 10.0) -> ManagedProcess:
         """Run the echo app (:mod:`authz_server.demo.upstream`) as a child process."""

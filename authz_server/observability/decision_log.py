@@ -38,7 +38,9 @@ class DecisionLog:
         allow_sample_rate: float = 1.0,
         include_query: bool = False,
         sensitive_params: tuple[str, ...] = DEFAULT_SENSITIVE_PARAMS,
+        worker: int | None = None,
     ) -> None:
+        self.worker = worker
         self.stream = stream if stream is not None else sys.stdout
         self._pending: list[str] = []
         self.allow_sample_rate = allow_sample_rate
@@ -90,6 +92,8 @@ class DecisionLog:
             "rule": verdict.rule,
             "latency_ms": round(latency * 1000, 3),
         }
+        if self.worker is not None:
+            entry["worker"] = self.worker
         if attrs is not None:
             entry.update(
                 request_id=attrs.headers.get("x-request-id"),
