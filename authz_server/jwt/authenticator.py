@@ -235,7 +235,10 @@ class JwtAuthenticator:
             value = _claim_header_value(jwt.payload, claim)
             if value is not None:
                 to_set.append((header, value))
-        remove = list(self._sanitize)
+        # Client copies of output headers go, except the ones set here: Envoy applies removals
+        # after sets, so removing a header we set would drop our own value.
+        written = {name for name, _ in to_set}
+        remove = [h for h in self._sanitize if h not in written]
         if not rule.forward_original_token:
             remove.extend(h for h in attempt.token_headers if h not in remove)
         return AuthnResult(
