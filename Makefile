@@ -4,17 +4,24 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv test demo clean
+.PHONY: venv sysdeps test demo clean
 
 $(BIN)/authz-server: pyproject.toml setup.py $(wildcard protos/authz_server/_proto/*.proto)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,fast]'
+	$(BIN)/pip install --quiet -e '.[test,fast,load]'
 	touch $@
 
 venv: $(BIN)/authz-server
 
-test: venv
+# The load smoke tests drive Envoy with wrk and h2load (Debian packages wrk, nghttp2-client).
+sysdeps:
+	@command -v wrk >/dev/null && command -v h2load >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nghttp2-client >/dev/null; \
+	  else echo "please install wrk and h2load (Debian: apt-get install wrk nghttp2-client)"; exit 1; fi; }
+
+test: venv sysdeps
 	$(BIN)/python -m pytest -q
 
 demo: venv

@@ -132,7 +132,7 @@ def serve(args: argparse.Namespace, argv: list[str]) -> int:
             endpoint = OpsEndpoint(args.metrics_listen, REGISTRY, app.readiness)
             endpoint.start()
         try:
-            return await AuthzGrpcServer(app, args.listen, args.grace_period, tls).run()
+            return await AuthzGrpcServer(app, args.listen, args.grace_period, tls, args.serving).run()
         finally:
             if endpoint is not None:
                 endpoint.stop()

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Sequence
+
+from authz_server.demo.background import BackgroundServer
 
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
@@ -57,33 +58,11 @@ class _EchoServer(ThreadingHTTPServer):
         self.name = name
 
 
-class EchoUpstream:
+class EchoUpstream(BackgroundServer):
     """The echo app on a background thread; ``port=0`` picks a free port (see :attr:`port`)."""
 
     def __init__(self, name: str = "upstream", host: str = "127.0.0.1", port: int = 0) -> None:
-        self._server = _EchoServer(host, port, name)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name=f"echo-{name}", daemon=True
-        )
-
-    @property
-    def port(self) -> int:
-        return self._server.server_address[1]
-
-    def start(self) -> "EchoUpstream":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
-
-    def __enter__(self) -> "EchoUpstream":
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+        super().__init__(_EchoServer(host, port, name), f"echo-{name}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

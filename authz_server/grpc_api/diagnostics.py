@@ -1,4 +1,10 @@
-"""The project's own Diagnostics service (protos/): Explain and PolicyStatus over gRPC."""
+"""The project's own Diagnostics service (protos/): Explain and PolicyStatus.
+
+:class:`Diagnostics` holds the methods; both serving layers expose them (the grpcio servicer
+below, and the fast server through :func:`authz_server.grpc_api.fast_server.unary`). A bad
+request description raises :class:`InvalidRequest`, which each layer turns into
+INVALID_ARGUMENT.
+"""
 
 from __future__ import annotations
 
@@ -12,21 +18,18 @@ from authz_server.explain import RequestDescriptionError, explain, parse_request
 from authz_server.grpc_api.check_request import MalformedCheckRequest, RequestContextSettings
 from authz_server.policy_store import PolicyStore
 
+InvalidRequest = (RequestDescriptionError, MalformedCheckRequest)
 
-class DiagnosticsService(diagnostics_pb2_grpc.DiagnosticsServicer):
+
+class Diagnostics:
     def __init__(self, store: PolicyStore, authorizer: Authorizer, context: RequestContextSettings) -> None:
         self.store = store
         self.authorizer = authorizer
         self.context = context
 
-    async def Explain(  # noqa: N802
-        self, request: diagnostics_pb2.ExplainRequest, context: grpc.aio.ServicerContext
-    ) -> diagnostics_pb2.ExplainResponse:
-        try:
-            check_request = parse_request_description(request.request_document)
-            result = await explain(check_request, self.store.engine(), self.authorizer, self.context)
-        except (RequestDescriptionError, MalformedCheckRequest) as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    async def explain(self, request: diagnostics_pb2.ExplainRequest) -> diagnostics_pb2.ExplainResponse:
+        check_request = parse_request_description(request.request_document)
+        result = await explain(check_request, self.store.engine(), self.authorizer, self.context)
         verdict = result.verdict
         return diagnostics_pb2.ExplainResponse(
             allowed=verdict.allowed,
@@ -44,9 +47,7 @@ class DiagnosticsService(diagnostics_pb2_grpc.DiagnosticsServicer):
             text=result.text,
         )
 
-    async def PolicyStatus(  # noqa: N802
-        self, request: diagnostics_pb2.PolicyStatusRequest, context: grpc.aio.ServicerContext
-    ) -> diagnostics_pb2.PolicyStatusResponse:
+    async def policy_status(self, request: diagnostics_pb2.PolicyStatusRequest) -> diagnostics_pb2.PolicyStatusResponse:
         policy_set = self.store.policy_set
         loaded_at = ""
         if self.store.last_good_at is not None:
@@ -59,3 +60,23 @@ class DiagnosticsService(diagnostics_pb2_grpc.DiagnosticsServicer):
             warnings=[str(w) for w in policy_set.warnings] if policy_set else [],
             generation=self.store.generation,
         )
+
+
+class DiagnosticsService(diagnostics_pb2_grpc.DiagnosticsServicer):
+    """The grpcio form of the service."""
+
+    def __init__(self, diagnostics: Diagnostics) -> None:
+        self.diagnostics = diagnostics
+
+    async def Explain(  # noqa: N802
+        self, request: diagnostics_pb2.ExplainRequest, context: grpc.aio.ServicerContext
+    ) -> diagnostics_pb2.ExplainResponse:
+        try:
+            return await self.diagnostics.explain(request)
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))  # raises
+
+    async def PolicyStatus(  # noqa: N802
+        self, request: diagnostics_pb2.PolicyStatusRequest, context: grpc.aio.ServicerContext
+    ) -> diagnostics_pb2.PolicyStatusResponse:
+        return await self.diagnostics.policy_status(request)

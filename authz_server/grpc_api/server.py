@@ -1,4 +1,10 @@
-"""The async gRPC server: Authorization, Diagnostics, health and reflection on one port.
+"""The gRPC server process: a serving layer around the App, health, signals, graceful stop.
+
+Two serving layers speak standard gRPC on the listen address:
+
+* ``fast`` (default): :mod:`authz_server.grpc_api.fast_server`, unary methods only —
+  Authorization/Check, grpc.health.v1.Health/Check, Diagnostics — at a fraction of the CPU;
+* ``grpcio``: the grpcio asyncio server, adding server reflection and Health/Watch.
 
 Health turns SERVING only once a policy set is loaded. SIGTERM: health goes NOT_SERVING, the
 port stops accepting, in-flight Checks get ``grace_period`` seconds, exit 0. SIGHUP reloads
@@ -8,8 +14,11 @@ the policies (a bad set is rejected and the last good one keeps serving).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import ssl
+from typing import Any, Awaitable, Callable, Protocol
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
@@ -18,62 +27,138 @@ from grpc_reflection.v1alpha import reflection
 
 from authz_server._proto import diagnostics_pb2, diagnostics_pb2_grpc
 from authz_server.app import App
-from authz_server.grpc_api.diagnostics import DiagnosticsService
-from authz_server.grpc_api.servicer import AuthorizationService
+from authz_server.grpc_api import h2_frames
+from authz_server.grpc_api.diagnostics import Diagnostics, DiagnosticsService, InvalidRequest
+from authz_server.grpc_api.fast_server import FastGrpcServer, GrpcError, unary
+from authz_server.grpc_api.servicer import AuthorizationService, CheckHandler
 from authz_server.grpc_api.tls import RotatingCertificates
 
 log = logging.getLogger(__name__)
 
 AUTHORIZATION_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
 DIAGNOSTICS_SERVICE = diagnostics_pb2.DESCRIPTOR.services_by_name["Diagnostics"].full_name
+SERVINGS = ("fast", "grpcio")
+TLS_REFRESH_SECONDS = 2.0
 
 
-class AuthzGrpcServer:
-    def __init__(self, app: App, listen: str, grace_period: float, tls: RotatingCertificates | None = None) -> None:
-        self.app = app
-        self.listen = listen
-        self.grace_period = grace_period
+class Serving(Protocol):
+    async def start(self) -> None: ...
+    async def set_serving(self, serving: bool) -> None: ...
+    async def stop(self, grace: float) -> None: ...
+
+
+class GrpcioServing:
+    def __init__(self, app: App, handler: CheckHandler, listen: str, tls: RotatingCertificates | None) -> None:
         # SO_REUSEPORT lets several worker processes share the port; the kernel balances connections.
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
         self.health = health.aio.HealthServicer()
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-            AuthorizationService(app.authorizer, app.context, app.observe), self.server
-        )
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(handler), self.server)
         diagnostics_pb2_grpc.add_DiagnosticsServicer_to_server(
-            DiagnosticsService(app.store, app.authorizer, app.context), self.server
-        )
+            DiagnosticsService(Diagnostics(app.store, app.authorizer, app.context)), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (AUTHORIZATION_SERVICE, DIAGNOSTICS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
         if tls is None:
-            self.port = self.server.add_insecure_port(listen)
+            self.server.add_insecure_port(listen)
         else:
-            self.port = self.server.add_secure_port(listen, tls.credentials())
-        self._stopping = asyncio.Event()
+            self.server.add_secure_port(listen, tls.credentials())
 
-    async def _set_serving(self, serving: bool) -> None:
+    async def start(self) -> None:
+        await self.set_serving(False)
+        await self.server.start()
+
+    async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", AUTHORIZATION_SERVICE):
             await self.health.set(service, status)
 
+    async def stop(self, grace: float) -> None:
+        await self.server.stop(grace)
+
+
+class FastServing:
+    def __init__(self, app: App, handler: CheckHandler, listen: str, tls: RotatingCertificates | None) -> None:
+        self.listen = listen
+        self.tls = tls
+        self.serving = False
+        diagnostics = Diagnostics(app.store, app.authorizer, app.context)
+        self.ssl_context = tls.ssl_context() if tls else None
+        self.server = FastGrpcServer({
+            f"/{AUTHORIZATION_SERVICE}/Check": handler.check_bytes,
+            f"/{health.SERVICE_NAME}/Check": unary(health_pb2.HealthCheckRequest.FromString, self._health),
+            f"/{DIAGNOSTICS_SERVICE}/Explain": unary(diagnostics_pb2.ExplainRequest.FromString,
+                                                    _invalid_argument(diagnostics.explain)),
+            f"/{DIAGNOSTICS_SERVICE}/PolicyStatus": unary(diagnostics_pb2.PolicyStatusRequest.FromString,
+                                                         diagnostics.policy_status),
+        }, self.ssl_context)
+        self._tls_task: asyncio.Task[None] | None = None
+
+    async def _health(self, request: health_pb2.HealthCheckRequest) -> health_pb2.HealthCheckResponse:
+        if request.service not in ("", AUTHORIZATION_SERVICE):
+            raise GrpcError(h2_frames.GRPC_NOT_FOUND, f"unknown service {request.service!r}")
+        status = health_pb2.HealthCheckResponse.SERVING if self.serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def start(self) -> None:
+        await self.server.start(self.listen)
+        if self.tls is not None and self.ssl_context is not None:
+            self._tls_task = asyncio.create_task(self._refresh_tls(self.tls, self.ssl_context))
+
+    async def _refresh_tls(self, tls: RotatingCertificates, context: ssl.SSLContext) -> None:
+        while True:
+            await asyncio.sleep(TLS_REFRESH_SECONDS)
+            await asyncio.to_thread(tls.refresh, context)
+
+    async def set_serving(self, serving: bool) -> None:
+        self.serving = serving
+
+    async def stop(self, grace: float) -> None:
+        if self._tls_task is not None:
+            self._tls_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tls_task
+        await self.server.stop(grace)
+
+
+def _invalid_argument(call: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:
+    """Map a bad request description to INVALID_ARGUMENT for the fast layer."""
+    async def wrapped(request: Any) -> Any:
+        try:
+            return await call(request)
+        except InvalidRequest as exc:
+            raise GrpcError(h2_frames.GRPC_INVALID_ARGUMENT, str(exc)) from None
+    return wrapped
+
+
+class AuthzGrpcServer:
+    def __init__(self, app: App, listen: str, grace_period: float, tls: RotatingCertificates | None = None,
+                 serving: str = "fast") -> None:
+        self.app = app
+        self.listen = listen
+        self.grace_period = grace_period
+        handler = CheckHandler(app.authorizer, app.context, app.observe)
+        layer = FastServing if serving == "fast" else GrpcioServing
+        self.serving: Serving = layer(app, handler, listen, tls)
+        self.serving_name = serving
+        self._stopping = asyncio.Event()
+
     async def run(self) -> int:
-        await self._set_serving(False)
-        await self.server.start()
-        log.info("gRPC listening on %s", self.listen)
+        await self.serving.start()
+        log.info("gRPC listening on %s (%s serving layer)", self.listen, self.serving_name)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
         loop.add_signal_handler(signal.SIGINT, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload()))
         await self.app.start(on_change=self._reload)
         self.app.sync_metrics()
-        await self._set_serving(self.app.store.loaded)
+        await self.serving.set_serving(self.app.store.loaded)
         if not self.app.store.loaded:
             log.error("no valid policy set: every Check is denied until one loads (fix it and send SIGHUP)")
         await self._stopping.wait()
         log.info("shutting down: draining in-flight Checks for up to %.1fs", self.grace_period)
-        await self._set_serving(False)
-        await self.server.stop(self.grace_period)
+        await self.serving.set_serving(False)
+        await self.serving.stop(self.grace_period)
         await self.app.stop()
         log.info("stopped")
         return 0
@@ -81,4 +166,4 @@ class AuthzGrpcServer:
     async def _reload(self) -> None:
         result = await self.app.reload_async()
         if result.ok:
-            await self._set_serving(True)
+            await self.serving.set_serving(True)

@@ -1,7 +1,13 @@
-"""The ``envoy.service.auth.v3.Authorization`` service: one Check = adapt, decide, answer."""
+"""The ``envoy.service.auth.v3.Authorization/Check`` method: adapt, decide, answer, observe.
+
+:class:`CheckHandler` is the method itself, shared by both serving layers: the fast HTTP/2
+server calls :meth:`CheckHandler.check_bytes` (bytes in, cached bytes out) and the grpcio
+servicer :meth:`CheckHandler.verdict`.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Callable
@@ -9,6 +15,7 @@ from typing import Callable
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
+from google.protobuf.message import DecodeError
 
 from authz_server.authorizer import Authorizer, Verdict
 from authz_server.engine.request import RequestAttributes
@@ -17,12 +24,16 @@ from authz_server.grpc_api.check_response import to_check_response
 
 log = logging.getLogger(__name__)
 
-
 #: called once per answered Check with the verdict, the request (None if malformed) and latency
 CheckObserver = Callable[[Verdict, RequestAttributes | None, float], None]
 
 
-class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
+@functools.lru_cache(maxsize=4096)
+def serialized_response(verdict: Verdict) -> bytes:
+    return to_check_response(verdict).SerializeToString()
+
+
+class CheckHandler:
     def __init__(
         self,
         authorizer: Authorizer,
@@ -33,8 +44,8 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
         self.context_settings = context_settings
         self.observe = observe
 
-    async def Check(self, request: CheckRequest, context: grpc.aio.ServicerContext) -> CheckResponse:  # noqa: N802
-        started = time.perf_counter()
+    async def verdict(self, request: CheckRequest, started: float | None = None) -> Verdict:
+        started = time.perf_counter() if started is None else started
         attrs: RequestAttributes | None
         try:
             attrs = to_attributes(request, self.context_settings)
@@ -46,17 +57,40 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
             verdict = await self.authorizer.check(attrs)
             if verdict.dry_run:
                 _log_dry_run(verdict, attrs.method, attrs.path)
-        response = to_check_response(verdict)
         if self.observe is not None:
             self.observe(verdict, attrs, time.perf_counter() - started)
-        return response
+        return verdict
+
+    async def check_bytes(self, data: bytes) -> bytes:
+        started = time.perf_counter()
+        try:
+            request = CheckRequest.FromString(data)
+        except DecodeError as exc:
+            log.warning("undecodable CheckRequest: %s", exc)
+            verdict = self.authorizer.failure("malformed_request", "undecodable CheckRequest")
+            if self.observe is not None:
+                self.observe(verdict, None, time.perf_counter() - started)
+            return serialized_response(verdict)
+        return serialized_response(await self.verdict(request, started))
+
+
+class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
+    """The grpcio form of the method."""
+
+    def __init__(self, handler: CheckHandler) -> None:
+        self.handler = handler
+
+    async def Check(self, request: CheckRequest, context: grpc.aio.ServicerContext) -> CheckResponse:  # noqa: N802
+        return to_check_response(await self.handler.verdict(request))
 
 
 def _log_dry_run(verdict: Verdict, method: str, path: str) -> None:
-    """Dry-run results are the whole point of a dry-run policy: always visible in the log."""
+    """Log when a dry-run engine disagrees with the enforced decision: what it would change."""
     for result in verdict.dry_run:
-        log.info(
-            "dry-run %s engine: %s (policy %s) for %s %s; enforced decision: %s",
-            result.action.value, result.engine_result, result.effective_policy_id or "none matched",
-            method, path, "allow" if verdict.allowed else "deny",
-        )
+        would_allow = result.engine_result == "allowed"
+        if would_allow != verdict.allowed:
+            log.info(
+                "dry-run %s policy %s would have %s %s %s (enforced: %s)",
+                result.action.value, result.effective_policy_id or "(none matched)", result.engine_result,
+                method, path, "allow" if verdict.allowed else "deny",
+            )

@@ -1,15 +1,17 @@
 """TLS for the gRPC listener, with certificate files re-read when they change (no restart).
 
 For deployments outside the mesh; in the mesh the sidecar provides mTLS and the listener stays
-plaintext. gRPC asks :meth:`RotatingCertificates.fetch` on every new handshake; it returns a new
-configuration only when a file's modification time or size changed, so rotation by cert-manager
-or a mounted Secret takes effect on the next connection.
+plaintext. grpcio asks :meth:`RotatingCertificates.fetch` on every new handshake; the fast
+serving layer calls :meth:`RotatingCertificates.refresh` every few seconds. Either way files are
+re-read only when a modification time or size changed, so rotation by cert-manager or a mounted
+Secret takes effect on the next connection.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import ssl
 from pathlib import Path
 
 import grpc
@@ -53,6 +55,32 @@ class RotatingCertificates:
         self._stamp = stamp
         log.info("TLS certificate files changed; new handshakes use the new certificate")
         return configuration
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A server context for the fast serving layer (HTTP/2 via ALPN); see :meth:`refresh`."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_alpn_protocols(["h2"])
+        context.load_cert_chain(self.cert, self.key)
+        if self.client_ca:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(self.client_ca)
+        return context
+
+    def refresh(self, context: ssl.SSLContext) -> None:
+        """Load rotated files into ``context`` (new handshakes use them); keep the old on error."""
+        try:
+            stamp = self._current_stamp()
+            if stamp == self._stamp:
+                return
+            context.load_cert_chain(self.cert, self.key)
+            if self.client_ca:
+                context.load_verify_locations(self.client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("TLS files unusable, keeping the current certificate: %s", exc)
+            return
+        self._stamp = stamp
+        log.info("TLS certificate files changed; new handshakes use the new certificate")
 
     def credentials(self) -> grpc.ServerCredentials:
         return grpc.dynamic_ssl_server_credentials(

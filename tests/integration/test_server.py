@@ -58,14 +58,15 @@ class Server:
         return health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
+@pytest.fixture(params=["fast", "grpcio"])
+def server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
+    """The server on each serving layer: everything here must hold for both."""
     policies = tmp_path / "policies"
     policies.mkdir()
     (policies / "allow.yaml").write_text(ALLOW_GET_FROM_SLEEP)
     port = free_port()
     with ProcessGroup(tmp_path / "logs") as group:
-        process = group.start_authz_server(policies, port)
+        process = group.start_authz_server(policies, port, ["--serving", request.param])
         srv = Server(group, policies, port, process)
         yield srv
         srv.channel.close()
@@ -126,12 +127,24 @@ def test_diagnostics_explain(server: Server) -> None:
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_reflection_lists_every_service(server: Server) -> None:
+def list_services(server: Server) -> set[str]:
     stub = reflection_pb2_grpc.ServerReflectionStub(server.channel)
     responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
-    names = {s.name for r in responses for s in r.list_services_response.service}
+    return {s.name for r in responses for s in r.list_services_response.service}
+
+
+@pytest.mark.parametrize("server", ["grpcio"], indirect=True)
+def test_reflection_lists_every_service(server: Server) -> None:
     assert {"envoy.service.auth.v3.Authorization", "authz_server.diagnostics.v1.Diagnostics",
-            "grpc.health.v1.Health"} <= names
+            "grpc.health.v1.Health"} <= list_services(server)
+
+
+@pytest.mark.parametrize("server", ["fast"], indirect=True)
+def test_fast_layer_answers_unserved_methods_with_unimplemented(server: Server) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        list_services(server)
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert server.health() == health_pb2.HealthCheckResponse.SERVING  # the connection is still fine
 
 
 def test_sigterm_drains_and_exits_zero(server: Server) -> None:

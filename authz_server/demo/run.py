@@ -1,0 +1,185 @@
+"""``authz-server demo``: the local mesh, the example policies and a scripted tour, on loopback.
+
+Starts a local IdP (:mod:`.idp`), the "httpbin" app and an "external" stand-in, one authz server
+per role as deployed (ingress gateway, httpbin's sidecar, egress gateway) on the policies of
+``examples/demo`` and the mesh of real Envoys (:mod:`.topology`); then sends the requests of
+:mod:`.scenario` and prints who decided each one. Every child is stopped on the way out, whether
+the script ends, fails, or is interrupted (Ctrl-C or SIGTERM).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import string
+import sys
+import threading
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from . import envoy_config as ec
+from .idp import IdentityProvider
+from .pki import make_ca
+from .processes import ProcessError, ProcessGroup, exit_on_sigterm, free_port
+from .report import render
+from .scenario import ALLOWED_HOST, BLOCKED_HOST, INGRESS_HOST, Explainer, run_step, script
+from .topology import SERVICE_HOST, Mesh, start_mesh
+from .upstream import EchoUpstream
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "demo"
+"""The checked-in policy templates (``$issuer``, ``$jwks_uri`` are filled in per run)."""
+
+_SERVERS: dict[str, list[str]] = {
+    "gateway": ["--workload-kind", "gateway", "--workload-namespace", "istio-system",
+                "--workload-labels", "istio=ingressgateway,app=istio-ingressgateway"],
+    "sidecar": [],
+    "egress": ["--workload-kind", "gateway", "--workload-namespace", "istio-system",
+               "--workload-labels", "istio=egressgateway,app=istio-egressgateway"],
+}
+"""One server per role, as deployed per gateway and sidecar-local; the sidecar's namespace comes from
+Envoy's ``destination.principal``."""
+
+_ROLE_OF_SERVER = {"gateway": "ingress", "sidecar": "httpbin", "egress": "egress"}
+
+
+@dataclass(frozen=True)
+class Demo:
+    """A running demo: the mesh, the IdP and the authz servers' ports, by server name."""
+
+    workdir: Path
+    mesh: Mesh
+    idp: IdentityProvider
+    servers: dict[str, int]
+
+
+def run_demo(workdir: Path, keep_running: bool) -> int:
+    """Run the demo in *workdir*; 0 when every request got what it expected (status, and the
+    headers that must or must not reach the upstream).
+
+    Ctrl-C returns 130; SIGTERM exits with 143 (``SystemExit``); both after stopping everything.
+    """
+    workdir = Path(workdir).resolve()
+    started = time.monotonic()
+    with _sigterm_exits():
+        try:
+            with ExitStack() as stack:
+                demo = _start(stack, workdir)
+                print(f"mesh ready in {time.monotonic() - started:.1f}s; sending requests\n", flush=True)
+                with Explainer(demo.servers) as explainer:
+                    outcomes = [run_step(step, demo.mesh, explainer) for step in script(demo.idp)]
+                print(render(outcomes))
+                _print_logs(workdir)
+                ok = all(outcome.passed for outcome in outcomes)
+                if keep_running:
+                    _serve_until_interrupted(demo)
+                print("stopping...", flush=True)
+        except KeyboardInterrupt:
+            print("\ninterrupted; everything stopped", flush=True)
+            return 130
+        except SystemExit:
+            print("terminated; everything stopped", flush=True)
+            raise
+        except (ProcessError, FileNotFoundError) as exc:
+            print(f"demo failed to start: {exc}", file=sys.stderr)
+            return 1
+    print(f"stopped cleanly; took {time.monotonic() - started:.1f}s")
+    return 0 if ok else 1
+
+
+def _start(stack: ExitStack, workdir: Path) -> Demo:
+    """Start everything, each part registered on *stack* so it is stopped in reverse order."""
+    print(f"authz-server demo: working in {workdir}", flush=True)
+    group = stack.enter_context(ProcessGroup(workdir))
+    idp = stack.enter_context(IdentityProvider(make_ca(workdir / "idp")))
+    policies = render_policies(workdir / "policies", idp)
+    httpbin = stack.enter_context(EchoUpstream("httpbin"))
+    external = stack.enter_context(EchoUpstream("external"))
+    common = ["--jwks-ca-bundle", str(idp.ca_path), "--grace-period", "1", "--log-level", _server_log_level()]
+    servers = {name: free_port() for name in _SERVERS}
+    for name, args in _SERVERS.items():
+        group.start_authz_server(policies, servers[name], [*common, *args], name=f"authz-{name}")
+    mesh = start_mesh(
+        group,
+        None,
+        app_port=httpbin.port,
+        external_hosts={ALLOWED_HOST: external.port, BLOCKED_HOST: external.port},
+        ingress_host=INGRESS_HOST,
+        authz_by_role={_ROLE_OF_SERVER[name]: ec.AuthzSettings(port=port) for name, port in servers.items()},
+    )
+    return Demo(workdir, mesh, idp, servers)
+
+
+def render_policies(directory: Path, idp: IdentityProvider) -> Path:
+    """Copy ``examples/demo/*.yaml`` into *directory* with this run's issuer and JWKS URI."""
+    templates = sorted(EXAMPLES.glob("*.yaml"))
+    if not templates:
+        # Without them every request would be allowed by default and the tour would mislead.
+        raise FileNotFoundError(f"no demo policies in {EXAMPLES}: run the demo from a source checkout")
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    values = {"issuer": idp.issuer, "jwks_uri": idp.jwks_uri}
+    for template in templates:
+        text = string.Template(template.read_text()).substitute(values)
+        (directory / template.name).write_text(text)
+    return directory
+
+
+def _server_log_level() -> str:
+    """The CLI's ``--log-level`` (it configures the root logger) for the servers, too."""
+    return logging.getLevelName(logging.getLogger().getEffectiveLevel())
+
+
+def _print_logs(workdir: Path) -> None:
+    names = " ".join(sorted(path.name for path in workdir.glob("*.log")))
+    print(f"\nlogs: {workdir}/  ({names})")
+    print(f"policies as loaded: {workdir / 'policies'}/", flush=True)
+
+
+def _serve_until_interrupted(demo: Demo) -> None:
+    """Print how to reach the mesh, then wait for Ctrl-C or SIGTERM."""
+    mesh, workdir = demo.mesh, demo.workdir
+    tokens = workdir / "tokens"
+    tokens.mkdir(exist_ok=True)
+    for name, group in (("user", "users"), ("admin", "admins")):
+        path = tokens / f"{name}.jwt"
+        path.touch(mode=0o600)
+        path.write_text(demo.idp.mint({"group": group}, subject=name, expires_in_s=3600))
+    ingress = f"https://{INGRESS_HOST}:{mesh.ingress_port}"
+    curl_ingress = (f"curl -si --cacert {mesh.ca.cert_path} "
+                    f"--resolve {INGRESS_HOST}:{mesh.ingress_port}:127.0.0.1")
+    sleep = f"http://127.0.0.1:{mesh.sleep_sidecar_port}"
+    servers = ", ".join(f"{name} 127.0.0.1:{port}" for name, port in demo.servers.items())
+    print(f"""
+The mesh keeps running; press Ctrl-C to stop it.
+  ingress gateway  {ingress}  (TLS; test CA {mesh.ca.cert_path})
+  sleep's sidecar  {sleep}  (outbound; the Host header picks the service)
+  IdP              {demo.idp.issuer}  (tokens valid 1 h in {tokens}/)
+  authz servers    {servers}  (gRPC; Diagnostics Explain on the same port)
+Try:
+  {curl_ingress} -H "authorization: Bearer $(cat {tokens}/admin.jwt)" {ingress}/admin/settings
+  {curl_ingress} -H "authorization: Bearer $(cat {tokens}/user.jwt)" {ingress}/admin/settings
+  curl -si -H 'host: {SERVICE_HOST}' {sleep}/get
+  curl -si -H 'host: {BLOCKED_HOST}' {sleep}/
+""", flush=True)
+    while True:
+        time.sleep(3600)
+
+
+@contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """While active, SIGTERM raises ``SystemExit`` (see :func:`exit_on_sigterm`) so the ``with``
+    blocks tear down as on Ctrl-C; the previous handler is restored afterwards. Only the main
+    thread can handle signals, so elsewhere (a test's worker thread) this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    exit_on_sigterm()
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

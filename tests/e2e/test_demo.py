@@ -1,0 +1,92 @@
+"""``authz-server demo`` as a user runs it: a subprocess, its table, its exit code, no leftovers.
+
+Every child the demo starts names the demo's workdir on its command line (Envoy's ``-c`` config,
+the servers' ``--policies``), so "no orphans" is checked as "no process mentions the workdir".
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from authz_server.demo.processes import authz_server_command
+
+_KEEP_RUNNING_MARKER = b"press Ctrl-C to stop"
+
+
+def _demo(workdir: Path, *args: str) -> list[str]:
+    return [*authz_server_command(), "demo", "--workdir", str(workdir), *args]
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that contain *text*."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{entry.name}: {cmdline}")
+    return found
+
+
+def test_demo_runs_the_script_and_stops_cleanly(tmp_path: Path) -> None:
+    workdir = tmp_path / "demo"
+    result = subprocess.run(_demo(workdir), capture_output=True, text=True, timeout=60)
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "12/12 requests as expected" in out and "FAIL" not in out
+    for expected in (
+        "ingress GET /headers",
+        "decided by  httpbin sidecar: allowed by ALLOW policy foo/ingress-users rule[0]",
+        "reached httpbin, x-jwt-group: users, authorization removed",
+        "JWT rejected (expired): Jwt is expired",
+        "JWT rejected (bad_signature): Jwt verification fails",
+        "foo/ingress-admins rule[0]: when[0][request.auth.claims[group]] not satisfied",
+        "ingress gateway: denied by DENY policy istio-system/ingress-block-internal rule[0]",
+        "foo/sleep-reads rule[0]: no to entry matched (failed: to[0].operation.methods)",
+        "DENY policy foo/deny-debug would have denied",
+        "egress gateway: allowed by ALLOW policy istio-system/egress-allow-list rule[0]",
+        "istio-system/egress-allow-list rule[0]: no to entry matched (failed: to[0].operation.hosts)",
+        f"logs: {workdir}/",
+    ):
+        assert expected in out, f"{expected!r} not in:\n{out}"
+    assert "MISMATCH" not in out  # Explain agrees with what the proxies did
+    assert (workdir / "authz-sidecar.log").exists() and (workdir / "ingress-gateway.log").exists()
+    assert _processes_mentioning(str(workdir)) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_keep_running_stops_on_signal_without_orphans(tmp_path: Path, signum: int) -> None:
+    workdir = tmp_path / "demo"
+    demo = subprocess.Popen(_demo(workdir, "--keep-running"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, bufsize=0)
+    assert demo.stdout is not None
+    output = b""
+    try:
+        deadline = time.monotonic() + 60
+        while _KEEP_RUNNING_MARKER not in output and time.monotonic() < deadline:
+            chunk = demo.stdout.read(4096)
+            if not chunk:
+                break
+            output += chunk
+        assert _KEEP_RUNNING_MARKER in output, output.decode(errors="replace")
+        assert b"curl -si --cacert" in output and (workdir / "tokens" / "admin.jwt").exists()
+        assert _processes_mentioning(str(workdir))  # the mesh is up
+        demo.send_signal(signum)
+        output += demo.stdout.read()
+        code = demo.wait(timeout=30)
+    finally:
+        if demo.poll() is None:
+            os.kill(demo.pid, signal.SIGKILL)
+            demo.wait()
+    assert code == 128 + signum, output.decode(errors="replace")
+    assert _processes_mentioning(str(workdir)) == []
