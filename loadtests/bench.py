@@ -25,7 +25,7 @@ from typing import Sequence
 from authz_server.demo.processes import ProcessGroup, exit_on_sigterm
 
 from . import measure, report, tokens
-from .target import Target, server_flags, start_target
+from .target import Target, start_target
 from .variants import standard_variants
 
 RESULTS = Path(__file__).with_name("results")
@@ -105,7 +105,7 @@ def run_trial(
 def run(settings: Settings, out: Path) -> dict:
     """Start every variant, interleave the trials, return the results (also written to *out*)."""
     out.mkdir(parents=True, exist_ok=True)
-    workers = settings.workers if "--workers" in server_flags() else 1
+    workers = settings.workers
     variants = standard_variants(workers)
     key = tokens.SigningKey.generate()
     policies = tokens.write_policies(key, out / "policies.yaml")

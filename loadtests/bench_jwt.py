@@ -1,5 +1,9 @@
 """Micro-benchmark of the JWT layer (not a test): µs per authenticate() decision.
 
+Also (3): the whole decision for a cached token — authentication plus the policy engine (an
+ALLOW on the issuer's principals and a claim), through the same Authorizer a Check uses, without
+the gRPC framework.
+
 Measures (1) a cached token: extraction, digest lookup, exp/nbf, issuer and audience checks and
 the key-still-published check, and (2) a cache miss: parsing plus a full RS256 verification.
 
@@ -17,18 +21,49 @@ import jwt as pyjwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-from authz_server.engine.request import RequestAttributes
+from authz_server.authorizer import Authorizer
+from authz_server.engine.engine import PolicyEngine
+from authz_server.engine.request import RequestAttributes, Workload
+from authz_server.policy.loader import PolicySet, parse_documents
 from authz_server.jwt import JwksCache, JwtAuthenticator, TokenVerifier, parse_jwt_rules
 from authz_server.policy.issues import IssueCollector
 
 ISSUER = "https://issuer-a.example"
 
 
+POLICY = f"""
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: jwt, namespace: foo}}
+spec:
+  jwtRules: [{{issuer: "{ISSUER}", jwksUri: "https://unused.example/jwks"}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: readers, namespace: foo}}
+spec:
+  rules:
+  - from: [{{source: {{requestPrincipals: ["{ISSUER}/*"]}}}}]
+    when: [{{key: "request.auth.claims[scope]", values: ["read"]}}]
+"""
+
+
 def _request(token: str) -> RequestAttributes:
     return RequestAttributes(
         method="GET", host="httpbin.foo:8000", path="/headers", raw_path="/headers",
-        headers={"authorization": f"Bearer {token}", "user-agent": "bench"},
+        headers={"authorization": f"Bearer {token}", "user-agent": "bench"}, workload=Workload("foo"),
     )
+
+
+def _authorizer(authn: JwtAuthenticator) -> Authorizer:
+    aps: list = []
+    ras: list = []
+    issues: list = []
+    parse_documents(POLICY, "bench.yaml", aps, ras, issues)
+    # The RequestAuthentication only makes the engine ask for an authenticator: the bench's.
+    engine = PolicyEngine(PolicySet("bench.yaml", tuple(aps), tuple(ras), tuple(issues)),
+                          authenticator_factory=lambda rules: authn)
+    return Authorizer(lambda: engine)
 
 
 async def _per_call_us(authn: JwtAuthenticator, requests: list[RequestAttributes]) -> float:
@@ -56,15 +91,26 @@ def main(iterations: int) -> None:
     asyncio.run(authn.authenticate(cached))
     misses = [_request(mint(n)) for n in range(1, min(iterations, 3000) + 1)]
 
-    async def run() -> tuple[float, float]:
+    authorizer = _authorizer(authn)
+
+    async def decide_us() -> float:
+        started = time.perf_counter()
+        for _ in range(iterations):
+            req = _request(cached.headers["authorization"][7:])
+            verdict = await authorizer.check(req)
+            assert verdict.allowed, verdict.detail
+        return (time.perf_counter() - started) / iterations * 1e6
+
+    async def run() -> tuple[float, float, float]:
         await _per_call_us(authn, [cached] * 1000)  # warm-up
         hit = await _per_call_us(authn, [cached] * iterations)
         miss = await _per_call_us(authn, misses)
-        return hit, miss
+        return hit, miss, await decide_us()
 
-    hit, miss = asyncio.run(run())
+    hit, miss, decision = asyncio.run(run())
     print(f"cached token:            {hit:8.1f} µs/decision ({iterations} calls)")
     print(f"full RS256 verification: {miss:8.1f} µs/decision ({len(misses)} distinct tokens)")
+    print(f"cached token + policies: {decision:8.1f} µs/decision (authn + engine, {iterations} calls)")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from typing import Sequence
 
 from authz_server.demo import envoy_config as ec
 from authz_server.demo.processes import (
-    ProcessGroup, authz_server_command, exit_on_sigterm, free_port, port_open,
+    ProcessGroup, exit_on_sigterm, free_port, port_open,
 )
 
 from . import tokens
@@ -42,31 +41,13 @@ class Target:
     authz_port: int | None
 
 
-@functools.cache
-def server_flags() -> frozenset[str]:
-    """The long options ``authz-server serve`` has now (flags are being added concurrently)."""
-    text = subprocess.run(
-        [*authz_server_command(), "serve", "--help"], capture_output=True, text=True, check=True
-    ).stdout
-    return frozenset(word.rstrip(",") for word in text.split() if word.startswith("--"))
-
-
-def server_args(workers: int) -> list[str]:
-    """Benchmark settings: quiet logs, no decision log, *workers* processes where supported.
+def server_args(workers: int, serving: str = "fast") -> list[str]:
+    """Benchmark settings: quiet logs, no decision log, *workers* processes, the serving layer.
 
     Metrics stay on (as deployed), on a port of their own so several servers can run at once.
     """
-    flags = server_flags()
-    args = ["--workload-namespace", tokens.NAMESPACE, "--log-level", SERVER_LOG_LEVEL]
-    if "--decision-log" in flags:
-        args += ["--decision-log", "off"]
-    if "--metrics-listen" in flags:
-        args += ["--metrics-listen", f"127.0.0.1:{free_port()}"]
-    if "--workers" in flags:
-        args += ["--workers", str(workers)]
-    elif workers != 1:
-        raise RuntimeError("authz-server serve has no --workers option yet")
-    return args
+    return ["--workload-namespace", tokens.NAMESPACE, "--log-level", SERVER_LOG_LEVEL, "--decision-log", "off",
+            "--metrics-listen", f"127.0.0.1:{free_port()}", "--workers", str(workers), "--serving", serving]
 
 
 def start_target(
@@ -82,7 +63,7 @@ def start_target(
     if variant.backend == "server":
         authz_port = free_port()
         backend_pid = group.start_authz_server(
-            policies, authz_port, server_args(variant.workers), name=f"{variant.name}-server"
+            policies, authz_port, server_args(variant.workers, variant.serving), name=f"{variant.name}-server"
         ).pid
     elif variant.backend == "noop":
         authz_port = free_port()

@@ -4,7 +4,8 @@
 * ``native`` — Envoy's ``jwt_authn`` + ``rbac`` with the policy of :mod:`loadtests.tokens`
   (same issuer, audience, inline JWKS, principal and ``group`` claim): the in-proxy limit;
 * ``noop`` — ext_authz to :mod:`loadtests.noop_server` (answers OK): the Python gRPC floor;
-* ``server-wN`` — ext_authz to this server with N worker processes.
+* ``server-grpcio-w1`` — this server on the grpcio serving layer (what the fast layer replaces);
+* ``server-wN`` — ext_authz to this server (fast serving layer) with N worker processes.
 
 The ext_authz variants use the kit's :class:`~authz_server.demo.envoy_config.AuthzSettings` pool
 caps (:data:`STREAMS_PER_CONNECTION` streams, 1,000 requests per connection) so Envoy opens several
@@ -38,6 +39,7 @@ class Variant:
     backend: str  # "none" | "native" | "noop" | "server"
     workers: int = 1
     label: str = ""
+    serving: str = "fast"  # the server's serving layer (--serving)
 
     @property
     def checks_externally(self) -> bool:
@@ -50,6 +52,7 @@ def standard_variants(workers: int) -> list[Variant]:
         Variant("envoy", "none", label="Envoy, no auth filter"),
         Variant("native", "native", label="Envoy jwt_authn + RBAC"),
         Variant("noop", "noop", label="Envoy + do-nothing grpc.aio Check"),
+        Variant("server-grpcio-w1", "server", 1, label="Envoy + authz-server on grpcio, 1 worker", serving="grpcio"),
         Variant("server-w1", "server", 1, label="Envoy + authz-server, 1 worker"),
     ]
     if workers > 1:

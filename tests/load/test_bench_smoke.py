@@ -21,7 +21,7 @@ from authz_server.demo.processes import envoy_binary
 
 
 ROOT = Path(__file__).resolve().parents[2]
-EXPECTED_VARIANTS = {"envoy", "native", "noop", "server-w1"}
+EXPECTED_VARIANTS = {"envoy", "native", "noop", "server-grpcio-w1", "server-w1", "server-w2"}
 
 
 def test_load_tools_are_installed() -> None:
