@@ -138,8 +138,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("ok_headers", "headers added upstream on every allow (x-a=1,x-b=2)", "", parse_headers),
     Option("fail_open", "allow when the server itself fails (malformed CheckRequest, internal error); "
            "policy denies are never affected", "false", parse_bool),
-    Option("serving", "gRPC serving layer: fast (unary HTTP/2 on asyncio: Check, health, Diagnostics) or "
-           "grpcio (adds reflection and Health/Watch, at several times the CPU per Check)", "fast", serving_layer,
+    Option("serving", "gRPC serving layer: fast (HTTP/2 on asyncio: Check, health, Diagnostics, reflection) "
+           "or grpcio (adds Health/Watch, at several times the CPU per Check)", "fast", serving_layer,
            ("serve",)),
     Option("grace_period", "seconds to finish in-flight Checks on SIGTERM", "10", positive_float, ("serve",)),
     Option("workers", "worker processes sharing the gRPC port (SO_REUSEPORT); 0 = one per CPU", "0",

@@ -10,7 +10,7 @@ Responses are written once per batch of input.
 Protocol notes: the server advertises ``SETTINGS_HEADER_TABLE_SIZE = 0`` so, once the peer has
 acknowledged it, header blocks are stateless and repeated blocks are decoded from a cache. Flow
 control is honoured both ways; streaming methods, compression and server push are not offered
-(UNIMPLEMENTED / refused).
+(UNIMPLEMENTED / refused), except bidirectional calls answered message by message (reflection).
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 #: a unary method: request bytes -> response bytes (raises GrpcError for a non-OK status)
 UnaryHandler = Callable[[bytes], Coroutine[Any, Any, bytes]]
+#: a bidirectional-streaming method answered message by message: one response per request
+#: message, synchronously (server reflection is the one such method served here)
+MessageHandler = Callable[[bytes], bytes]
 
 MAX_CONCURRENT_STREAMS = 1024
 RECEIVE_WINDOW = 1 << 20  # per stream
@@ -50,9 +53,12 @@ class _Stream:
     path: str = ""
     body: bytearray = field(default_factory=bytearray)
     send_window: int = h2.DEFAULT_WINDOW
-    #: response frames waiting for flow-control window, and the DATA bytes they need
-    pending: bytes = b""
-    pending_size: int = 0
+    #: outgoing frames in order, each with the flow-control window it needs (0 for HEADERS)
+    outgoing: list[tuple[bytes, int]] = field(default_factory=list)
+    #: the final frame (trailers) is queued: the stream ends when the queue drains
+    finished: bool = False
+    #: the response HEADERS frame has been queued (streaming responses send it once)
+    started: bool = False
     closed_remote: bool = False
 
 
@@ -205,6 +211,9 @@ class _Connection(asyncio.Protocol):
         if flags & h2.PADDED:
             payload = _unpad(payload)
         stream.body += payload
+        if stream.path in self.server.streaming:
+            self._stream_messages(stream_id, stream, bool(flags & h2.END_STREAM))
+            return
         if len(stream.body) > MAX_MESSAGE_BYTES + 5:
             self.streams.pop(stream_id, None)
             self._respond_error(stream_id, h2.GRPC_RESOURCE_EXHAUSTED, f"request larger than {MAX_MESSAGE_BYTES} bytes")
@@ -320,6 +329,9 @@ class _Connection(asyncio.Protocol):
 
     # --- requests and responses ---------------------------------------------------------------
     def _dispatch(self, stream_id: int, stream: _Stream) -> None:
+        if stream.path in self.server.streaming:
+            self._stream_messages(stream_id, stream, end=True)
+            return
         handler = self.server.methods.get(stream.path)
         if handler is None:
             self._respond_error(stream_id, h2.GRPC_UNIMPLEMENTED, f"method {stream.path} is not served here")
@@ -361,30 +373,74 @@ class _Connection(asyncio.Protocol):
         self._flush()
         self.server.idle.set()
 
+    def _data_frames(self, stream_id: int, payload: bytes) -> list[tuple[bytes, int]]:
+        body = h2.grpc_message(payload)
+        step = self.peer_max_frame
+        return [(h2.frame(h2.DATA, 0, stream_id, body[i: i + step]), len(body[i: i + step]))
+                for i in range(0, len(body), step)]
+
     def _respond(self, stream_id: int, payload: bytes) -> None:
         stream = self.streams.get(stream_id)
         if stream is None:  # reset by the peer meanwhile
             return
-        body = h2.grpc_message(payload)
-        frames = [h2.frame(h2.HEADERS, h2.END_HEADERS, stream_id, h2.RESPONSE_HEADERS)]
-        for start in range(0, len(body), self.peer_max_frame):
-            frames.append(h2.frame(h2.DATA, 0, stream_id, body[start: start + self.peer_max_frame]))
-        frames.append(h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, stream_id, h2.TRAILERS_OK))
-        if len(body) <= self.send_window and len(body) <= stream.send_window and not stream.pending:
-            self.send_window -= len(body)
+        stream.outgoing.append((h2.frame(h2.HEADERS, h2.END_HEADERS, stream_id, h2.RESPONSE_HEADERS), 0))
+        stream.outgoing.extend(self._data_frames(stream_id, payload))
+        self._finish_stream(stream_id, stream)
+
+    def _finish_stream(self, stream_id: int, stream: _Stream) -> None:
+        stream.outgoing.append((h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, stream_id, h2.TRAILERS_OK), 0))
+        stream.finished = True
+        self._pump(stream_id, stream)
+
+    def _pump(self, stream_id: int, stream: _Stream) -> None:
+        """Send queued frames in order while both flow-control windows allow."""
+        queue = stream.outgoing
+        sent = 0
+        for data, size in queue:
+            if size and (size > self.send_window or size > stream.send_window):
+                break
+            self.send_window -= size
+            stream.send_window -= size
+            self.out.append(data)
+            sent += 1
+        del queue[:sent]
+        if stream.finished and not queue:
             self.streams.pop(stream_id, None)
-            self.out.extend(frames)
-        else:  # wait for WINDOW_UPDATE
-            self.out.append(frames[0])
-            stream.pending = b"".join(frames[1:])
-            stream.pending_size = len(body)
 
     def _send_pending(self) -> None:
         for stream_id, stream in list(self.streams.items()):
-            if stream.pending and stream.pending_size <= min(self.send_window, stream.send_window):
-                self.send_window -= stream.pending_size
-                self.out.append(stream.pending)
-                self.streams.pop(stream_id, None)
+            if stream.outgoing:
+                self._pump(stream_id, stream)
+
+    def _stream_messages(self, stream_id: int, stream: _Stream, end: bool) -> None:
+        """Answer every complete request message of a streaming call, then end with the client."""
+        handler = self.server.streaming[stream.path]
+        body = stream.body
+        while len(body) >= 5:
+            length = int.from_bytes(body[1:5], "big")
+            if body[0] or length > MAX_MESSAGE_BYTES:
+                self._respond_error(stream_id, h2.GRPC_INTERNAL, "compressed or oversized message")
+                return
+            if len(body) < 5 + length:
+                break
+            message = bytes(body[5: 5 + length])
+            del body[: 5 + length]
+            try:
+                reply = handler(message)
+            except Exception as exc:  # noqa: BLE001 - one bad request must not end the connection
+                self._respond_error(stream_id, h2.GRPC_INTERNAL, f"{type(exc).__name__}: {exc}")
+                return
+            if not stream.started:
+                stream.started = True
+                stream.outgoing.append((h2.frame(h2.HEADERS, h2.END_HEADERS, stream_id, h2.RESPONSE_HEADERS), 0))
+            stream.outgoing.extend(self._data_frames(stream_id, reply))
+        if end:
+            stream.closed_remote = True
+            if not stream.started:
+                stream.outgoing.append((h2.frame(h2.HEADERS, h2.END_HEADERS, stream_id, h2.RESPONSE_HEADERS), 0))
+            self._finish_stream(stream_id, stream)
+        else:
+            self._pump(stream_id, stream)
 
     def _respond_error(self, stream_id: int, code: int, message: str) -> None:
         self.streams.pop(stream_id, None)
@@ -416,10 +472,15 @@ def _unpad(payload: bytes) -> bytes:
 
 
 class FastGrpcServer:
-    """Serves unary gRPC ``methods`` (path -> handler) on one address, SO_REUSEPORT for workers."""
+    """Serves unary gRPC ``methods`` (path -> handler) on one address, SO_REUSEPORT for workers.
 
-    def __init__(self, methods: dict[str, UnaryHandler], ssl_context: ssl.SSLContext | None = None) -> None:
+    ``streaming`` methods are answered message by message (one reply per request message).
+    """
+
+    def __init__(self, methods: dict[str, UnaryHandler], ssl_context: ssl.SSLContext | None = None,
+                 streaming: dict[str, MessageHandler] | None = None) -> None:
         self.methods = methods
+        self.streaming = streaming or {}
         self.ssl_context = ssl_context
         self.connections: set[_Connection] = set()
         self.draining = False

@@ -2,9 +2,9 @@
 
 Two serving layers speak standard gRPC on the listen address:
 
-* ``fast`` (default): :mod:`authz_server.grpc_api.fast_server`, unary methods only —
-  Authorization/Check, grpc.health.v1.Health/Check, Diagnostics — at a fraction of the CPU;
-* ``grpcio``: the grpcio asyncio server, adding server reflection and Health/Watch.
+* ``fast`` (default): :mod:`authz_server.grpc_api.fast_server` — Authorization/Check,
+  grpc.health.v1.Health/Check, Diagnostics and server reflection — at a fraction of the CPU;
+* ``grpcio``: the grpcio asyncio server, adding Health/Watch.
 
 Health turns SERVING only once a policy set is loaded. SIGTERM: health goes NOT_SERVING, the
 port stops accepting, in-flight Checks get ``grace_period`` seconds, exit 0. SIGHUP reloads
@@ -23,7 +23,7 @@ from typing import Any, Awaitable, Callable, Protocol
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from authz_server._proto import diagnostics_pb2, diagnostics_pb2_grpc
 from authz_server.app import App
@@ -91,7 +91,10 @@ class FastServing:
                                                     _invalid_argument(diagnostics.explain)),
             f"/{DIAGNOSTICS_SERVICE}/PolicyStatus": unary(diagnostics_pb2.PolicyStatusRequest.FromString,
                                                          diagnostics.policy_status),
-        }, self.ssl_context)
+        }, self.ssl_context, streaming={
+            f"/{reflection.SERVICE_NAME}/ServerReflectionInfo": _reflection(
+                (AUTHORIZATION_SERVICE, DIAGNOSTICS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)),
+        })
         self._tls_task: asyncio.Task[None] | None = None
 
     async def _health(self, request: health_pb2.HealthCheckRequest) -> health_pb2.HealthCheckResponse:
@@ -119,6 +122,16 @@ class FastServing:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._tls_task
         await self.server.stop(grace)
+
+
+def _reflection(services: tuple[str, ...]) -> Callable[[bytes], bytes]:
+    """Server reflection for the fast layer: grpcio-reflection's servicer, one message at a time."""
+    servicer = reflection.ReflectionServicer(services)
+
+    def answer(data: bytes) -> bytes:
+        request = reflection_pb2.ServerReflectionRequest.FromString(data)
+        return next(iter(servicer.ServerReflectionInfo(iter([request]), None))).SerializeToString()
+    return answer
 
 
 def _invalid_argument(call: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:

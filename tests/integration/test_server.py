@@ -133,16 +133,20 @@ def list_services(server: Server) -> set[str]:
     return {s.name for r in responses for s in r.list_services_response.service}
 
 
-@pytest.mark.parametrize("server", ["grpcio"], indirect=True)
-def test_reflection_lists_every_service(server: Server) -> None:
+def test_reflection_lists_every_service_and_describes_check(server: Server) -> None:
     assert {"envoy.service.auth.v3.Authorization", "authz_server.diagnostics.v1.Diagnostics",
             "grpc.health.v1.Health"} <= list_services(server)
+    stub = reflection_pb2_grpc.ServerReflectionStub(server.channel)
+    requests = [reflection_pb2.ServerReflectionRequest(file_containing_symbol="envoy.service.auth.v3.Authorization"),
+                reflection_pb2.ServerReflectionRequest(list_services="")]
+    responses = list(stub.ServerReflectionInfo(iter(requests), timeout=5))
+    assert len(responses) == 2 and responses[0].file_descriptor_response.file_descriptor_proto
 
 
 @pytest.mark.parametrize("server", ["fast"], indirect=True)
 def test_fast_layer_answers_unserved_methods_with_unimplemented(server: Server) -> None:
     with pytest.raises(grpc.RpcError) as info:
-        list_services(server)
+        health_pb2_grpc.HealthStub(server.channel).Watch(health_pb2.HealthCheckRequest(), timeout=5).next()
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert server.health() == health_pb2.HealthCheckResponse.SERVING  # the connection is still fine
 
