@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Hashable
 
-from cachetools import LRUCache
-
 from authz_server.engine.attributes import CompileEnv
 from authz_server.engine.compiler import CompiledPolicy, compile_policy
 from authz_server.engine.decide import WorkloadPolicies
@@ -61,13 +59,17 @@ class PolicyEngine:
         self._compiled: list[CompiledPolicy] = [
             compile_policy(p, env) for p in self.policy_set.authorization_policies if p.action is not Action.CUSTOM
         ]
-        self._views: LRUCache[Hashable, WorkloadView] = LRUCache(WORKLOAD_CACHE_SIZE)
+        # A plain dict (cleared when full) rather than an LRU: a lookup per Check must be cheap,
+        # and the number of distinct workload identities a server sees is small.
+        self._views: dict[Hashable, WorkloadView] = {}
 
     def for_workload(self, workload: Workload, service: tuple[str, str] | None = None) -> WorkloadView:
         key = (workload.namespace, frozenset(workload.labels.items()), workload.kind, service)
         view = self._views.get(key)
         if view is None:
             view = self._select(workload, service)
+            if len(self._views) >= WORKLOAD_CACHE_SIZE:
+                self._views.clear()
             self._views[key] = view
         return view
 
