@@ -24,9 +24,13 @@ log = logging.getLogger(__name__)
 Headers = tuple[tuple[str, str], ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Verdict:
-    """What to answer Envoy, and why."""
+    """What to answer Envoy, and why.
+
+    Treated as immutable (it keys the response cache) but not ``frozen``: a frozen dataclass
+    pays ``object.__setattr__`` per field on construction, once per Check.
+    """
 
     allowed: bool
     http_status: int

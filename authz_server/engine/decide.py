@@ -29,8 +29,8 @@ class DryRunResult:
     policy: str
 
 
-@dataclass(frozen=True, slots=True)
-class AuthzDecision:
+@dataclass(slots=True)
+class AuthzDecision:  # built once per Check: not frozen, to skip frozen-dataclass setattr costs
     allowed: bool
     #: machine-readable: allowed_by_policy, no_allow_policies, denied_by_policy, no_allow_match
     reason: str

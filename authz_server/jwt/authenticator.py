@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
 from urllib.parse import unquote
 
-from cachetools import LRUCache
-
 from authz_server.engine.request import RequestAttributes, RequestAuth, strip_query
 from authz_server.jwt.jwks import JwksCache
 from authz_server.jwt.rules import JwtRule
@@ -97,6 +95,16 @@ class _Attempt:
     token_headers: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    """A remembered success and what it stays valid on."""
+
+    result: AuthnResult
+    jwt: ParsedJwt
+    rule: JwtRule
+    fingerprint: str
+
+
 class JwtAuthenticator:
     """Authenticates requests for one workload; build one per distinct set of rules."""
 
@@ -121,10 +129,11 @@ class JwtAuthenticator:
         )
         self._locations = _locations(self.rules)
         self._sanitize = tuple(dict.fromkeys(h for r in self.rules for h in r.output_header_names))
-        # A token that verified builds the same result every time (claims, headers): build it
-        # once. Validity (time, audience, key still published) is re-checked on every request.
-        self._successes: LRUCache[tuple[int, bytes, tuple[str, ...]], AuthnResult] = LRUCache(
-            verifier.settings.cache_entries)
+        # A token that verified gives the same result every time (claims, headers): remember it
+        # by (location, token), with what its validity still depends on — time, and the key that
+        # verified it still being published — re-checked on every hit. Bounded like the
+        # verifier's cache; only single-token requests are remembered.
+        self._verified: dict[tuple[str, str], _Verified] = {}
 
     async def authenticate(self, request: RequestAttributes) -> AuthnResult:
         """Never raises: any unexpected failure is a 401, logged without the token."""
@@ -140,18 +149,36 @@ class JwtAuthenticator:
         found = self._extract(request)
         if not found:
             return AuthnResult("none", headers_to_remove=self._sanitize)
+        key = (found[0][0].name, found[0][1]) if len(found) == 1 else None
+        if key is not None and (hit := self._verified.get(key)) is not None and self._still_valid(hit):
+            self._verifier.record_hit()
+            return hit.result
         attempts = [await self._attempt(i, found) for i in range(len(self._providers))]
         for index, attempt in enumerate(attempts):
             if attempt.status is None and attempt.jwt is not None:
-                key = (index, attempt.digest, tuple(attempt.token_headers))
-                result = self._successes.get(key)
-                if result is None:
-                    result = self._successes[key] = self._success(self._providers[index], attempt)
+                result = self._success(self._providers[index], attempt)
+                if key is not None:
+                    self._remember(key, result, attempt, self._providers[index].rule)
                 return result
         failed = [a for a in attempts if a.status not in (Status.MISSING, Status.UNKNOWN_ISSUER)]
         failed = failed or [a for a in attempts if a.status == Status.UNKNOWN_ISSUER]
         worst = failed[0]
         return self._denied(request, worst.status or Status.VERIFICATION_FAIL, worst.jwt, worst.digest, worst.reason)
+
+    def _still_valid(self, hit: _Verified) -> bool:
+        if check_time(hit.jwt, self._verifier.clock(), self._verifier.settings.leeway) is not None:
+            return False
+        keys = self._jwks.current_keys(hit.rule)
+        return keys is not None and hit.fingerprint in keys.fingerprints
+
+    def _remember(self, key: tuple[str, str], result: AuthnResult, attempt: _Attempt, rule: JwtRule) -> None:
+        assert attempt.jwt is not None
+        fingerprint = self._verifier.verified_by(attempt.digest)
+        if not fingerprint:
+            return
+        if len(self._verified) >= self._verifier.settings.cache_entries:
+            self._verified.clear()
+        self._verified[key] = _Verified(result, attempt.jwt, rule, fingerprint)
 
     def _extract(self, request: RequestAttributes) -> list[tuple[_Location, str]]:
         """Tokens per location, in Envoy's order: headers, query parameters, cookies."""

@@ -257,13 +257,19 @@ class JwksCache:
 
     async def keys_for(self, rule: Any) -> KeySet | None:
         """The key set to verify ``rule``'s tokens with. Waits only for an issuer's first fetch."""
+        if rule.jwks is None and not rule.jwks_text:
+            source = self._source(rule)
+            if source.keys is None and source.completed == 0:
+                await self._join(source, self._clock())
+                return self._usable(source, self._clock())
+        return self.current_keys(rule)
+
+    def current_keys(self, rule: Any) -> KeySet | None:
+        """The keys usable right now, without waiting (a due refresh starts in the background)."""
         if rule.jwks is not None or rule.jwks_text:
             return rule.jwks
         source = self._source(rule)
         now = self._clock()
-        if source.keys is None and source.completed == 0:
-            await self._join(source, now)
-            return self._usable(source, self._clock())
         if now >= source.refresh_at:
             self._start(source, now)
         return self._usable(source, now)

@@ -305,6 +305,15 @@ class TokenVerifier:
             return min(limit, entry.jwt.exp + self.settings.leeway + 1)
         return limit
 
+    def record_hit(self) -> None:
+        """Count a hit served from a result cache in front of this one (the authenticator's)."""
+        self.hits += 1
+
+    def verified_by(self, digest: bytes) -> str:
+        """Fingerprint of the key that verified this token ("" when it is not cached as verified)."""
+        entry = self._cache.get(digest)
+        return entry.fingerprint if entry is not None else ""
+
     @property
     def cache_size(self) -> int:
         """Tokens currently cached (for metrics)."""
