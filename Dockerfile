@@ -22,7 +22,10 @@ RUN sh deploy/docker/install.sh /opt/venv /src
 FROM ${PYTHON_IMAGE}
 # Only the venv comes over: no pip caches, sources, grpcio-tools or setuptools build env.
 # Its .pyc files were compiled by pip at install time, so nothing needs writing at run time:
-# PYTHONDONTWRITEBYTECODE keeps Python from trying on a read-only root filesystem.
+# PYTHONDONTWRITEBYTECODE keeps Python from trying on a read-only root filesystem. The one
+# writable path needed: with several workers (the default on a multi-CPU host) and metrics on,
+# the workers' metrics files go to $TMPDIR (/tmp) — mount a tmpfs/emptyDir there (the Helm chart
+# does), e.g. docker run --read-only --tmpfs /tmp ...
 COPY --from=builder /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -35,8 +38,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 65532:65532
 EXPOSE 9000 9090
 # Docker-only; Kubernetes uses the chart's grpc/http probes instead.
-HEALTHCHECK --interval=10s --timeout=3s --start-period=10s \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9090/healthz', timeout=2)"]
+# `authz-server health` reads the same AUTHZ_* settings as the server, so it follows the ports.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s CMD ["authz-server", "health"]
 # Exec form: authz-server is PID 1 and receives SIGTERM directly; it drains in-flight Checks
 # itself and reaps its own worker processes, so no init shim (tini) is needed.
 ENTRYPOINT ["authz-server"]

@@ -3,6 +3,7 @@
     authz-server serve --policies PATH [--listen HOST:PORT] ...
     authz-server validate PATH
     authz-server explain --policies PATH --request FILE
+    authz-server health
     authz-server demo
 """
 
@@ -13,15 +14,30 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
-from authz_server.settings import add_options
+from authz_server.settings import add_options, log_level
+from authz_server.startup import StartupError
+
+if TYPE_CHECKING:
+    from authz_server.grpc_api.tls import RotatingCertificates
+    from authz_server.observability.http_endpoint import OpsEndpoint
+
+log = logging.getLogger(__name__)
 
 EXIT_INVALID = 1
 EXIT_USAGE = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (the full usage is in ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="authz-server",
         description="Envoy ext_authz (v3 gRPC) server that decides Istio AuthorizationPolicy and "
         "RequestAuthentication as Istio would. Every option also reads an AUTHZ_* environment variable.",
@@ -35,15 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
     explain = commands.add_parser("explain", help="evaluate one described request offline and say why")
     explain.add_argument("--request", required=True, help="request description (YAML or JSON; '-' for stdin)")
     add_options(explain, "explain")
+    health = commands.add_parser("health", help="exit 0 when the local server is alive (container health checks): "
+                                 "/healthz on --metrics-listen, else gRPC health on --listen")
+    add_options(health, "health")
     demo = commands.add_parser("demo", help="run the local mesh demo: real Envoy gateways and sidecars, mTLS, "
                                "a JWT issuer, scripted requests, a table of results")
-    demo.add_argument("--workdir", default=".demo", help="where certificates, configs and logs go [.demo]")
+    demo.add_argument("--workdir", default="", help="where certificates, configs and logs go, kept afterwards "
+                      "[a temporary directory, removed at the end]")
     demo.add_argument("--keep-running", action="store_true", help="after the script, keep the mesh up until Ctrl-C")
-    demo.add_argument("--log-level", default="WARNING", type=str.upper, help="server log level [WARNING]")
+    demo.add_argument("--log-level", default="WARNING", type=log_level, help="server log level [WARNING]")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a user-facing failure is one line on stderr and a non-zero exit."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -51,15 +72,35 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    try:
+        return _run(args, argv)
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - a bug still ends in one line; the traceback is at DEBUG
+        log.debug("unexpected failure", exc_info=True)
+        print(f"error: {type(exc).__name__}: {exc} (rerun with --log-level DEBUG for the traceback)",
+              file=sys.stderr)
+        return EXIT_INVALID
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "validate":
         return validate(args.path)
+    if args.command == "health":
+        from authz_server.healthcheck import check
+
+        healthy, detail = check(args.metrics_listen, args.listen)
+        print(("healthy: " if healthy else "unhealthy: ") + detail, file=sys.stdout if healthy else sys.stderr)
+        return 0 if healthy else EXIT_INVALID
     if args.command == "demo":
         from authz_server.demo.run import run_demo
 
-        return run_demo(Path(args.workdir), keep_running=args.keep_running)
+        return run_demo(Path(args.workdir) if args.workdir else None, keep_running=args.keep_running)
     if not args.policies:
-        print("error: --policies (or AUTHZ_POLICIES) is required", file=sys.stderr)
-        return EXIT_USAGE
+        raise StartupError("--policies (or AUTHZ_POLICIES) is required")
     if args.command == "explain":
         return asyncio.run(explain(args))
     return serve(args, argv)
@@ -75,7 +116,7 @@ def validate(path: str) -> int:
     summary = (f"{len(policy_set.authorization_policies)} AuthorizationPolicies, "
                f"{len(policy_set.request_authentications)} RequestAuthentications, "
                f"{errors} errors, {len(policy_set.warnings)} warnings")
-    print(("OK: " if not errors else "INVALID: ") + summary, file=sys.stderr)
+    print(("OK: " if not errors else "INVALID: ") + summary)
     return EXIT_INVALID if errors else 0
 
 
@@ -93,43 +134,66 @@ async def explain(args: argparse.Namespace) -> int:
     if not app.reload().ok:
         print(f"error: {args.policies}: policy set invalid (run `authz-server validate`)", file=sys.stderr)
         return EXIT_INVALID
-    await app.prefetch()
+    # No JWKS prefetch: explain stays offline unless the request carries a token whose issuer's
+    # keys must be fetched to verify it (then that one fetch happens, bounded by the rule's timeout).
     result = await run_explain(check_request, app.store.engine(), app.authorizer, app.context)
     print(result.text)
     return 0
 
 
 def serve(args: argparse.Namespace, argv: list[str]) -> int:
+    """Check the configuration, claim the port, then serve (one process or supervised workers)."""
     import os
 
-    workers = args.workers or os.cpu_count() or 1
-    if workers > 1:
-        from authz_server.workers import Supervisor
+    from authz_server.startup import check_bindable, claim_port, usable_cpus
 
-        return Supervisor(argv, workers, args.metrics_listen, args.grace_period).run()
-    if bool(args.tls_cert) != bool(args.tls_key):
-        print("error: --tls-cert and --tls-key go together", file=sys.stderr)
-        return EXIT_USAGE
+    worker = "AUTHZ_WORKER_ID" in os.environ  # started by our supervisor, which checked it all
+    if not Path(args.policies).exists():
+        raise StartupError(f"--policies {args.policies}: no such file or directory (AUTHZ_POLICIES)")
+    tls = _tls(args)
+    workers = args.workers or usable_cpus()
+    guard = None if worker else claim_port(args.listen)
+    try:
+        if not worker:
+            check_bindable(args.listen, "--listen", reuse_port=True)
+        if workers > 1:
+            from authz_server.workers import Supervisor
 
-    from authz_server.app import App
-    from authz_server.grpc_api.server import AuthzGrpcServer
+            return Supervisor(argv, workers, args.metrics_listen, args.grace_period).run()
+        return _serve_one(args, tls)
+    finally:
+        if guard is not None:
+            guard.release()
+
+
+def _tls(args: argparse.Namespace) -> RotatingCertificates | None:
+    """The listener's certificates, loaded once now so that a bad file fails the start."""
     from authz_server.grpc_api.tls import RotatingCertificates
 
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise StartupError("--tls-cert and --tls-key (AUTHZ_TLS_CERT, AUTHZ_TLS_KEY) go together")
+    if args.tls_client_ca and not args.tls_cert:
+        raise StartupError("--tls-client-ca needs --tls-cert and --tls-key (TLS on the listener)")
+    if not args.tls_cert:
+        return None
     try:
-        tls = RotatingCertificates(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
-    except (OSError, ValueError) as exc:
-        print(f"error: TLS: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        tls = RotatingCertificates(args.tls_cert, args.tls_key, args.tls_client_ca)
+        tls.ssl_context()
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise StartupError(f"--tls-cert/--tls-key/--tls-client-ca: {exc}") from None
+    return tls
+
+
+def _serve_one(args: argparse.Namespace, tls: RotatingCertificates | None) -> int:
+    from authz_server.app import App
+    from authz_server.grpc_api.server import AuthzGrpcServer
+
+    endpoint = _ops_endpoint(args)
 
     async def run() -> int:
         app = App(args)
-        endpoint = None
-        if args.metrics_listen:
-            from prometheus_client import REGISTRY
-
-            from authz_server.observability.http_endpoint import OpsEndpoint
-
-            endpoint = OpsEndpoint(args.metrics_listen, REGISTRY, app.readiness)
+        if endpoint is not None:
+            endpoint.attach(app.readiness)
             endpoint.start()
         try:
             return await AuthzGrpcServer(app, args.listen, args.grace_period, tls, args.serving).run()
@@ -142,3 +206,14 @@ def serve(args: argparse.Namespace, argv: list[str]) -> int:
     except ImportError:
         return asyncio.run(run())
     return uvloop.run(run())
+
+
+def _ops_endpoint(args: argparse.Namespace) -> OpsEndpoint | None:
+    """The single process's metrics/health port, bound now so a busy port fails the start."""
+    if not args.metrics_listen:
+        return None
+    from prometheus_client import REGISTRY
+
+    from authz_server.observability.http_endpoint import OpsEndpoint
+
+    return OpsEndpoint.bind(args.metrics_listen, REGISTRY)

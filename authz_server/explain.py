@@ -117,7 +117,7 @@ def render(verdict: Verdict, attrs: RequestAttributes, engine: PolicyEngine) -> 
     labels = ",".join(f"{k}={v}" for k, v in sorted(workload.labels.items())) or "-"
     lines.append(f"workload: namespace={workload.namespace or '?'} labels={labels} kind={workload.kind}")
     lines.append(f"request:  {attrs.method} {attrs.host}{attrs.raw_path} from {attrs.source_principal or 'no peer identity'}"
-                 f" ip={attrs.source_ip} remote.ip={attrs.remote_ip}")
+                 f" ip={attrs.source_ip or '-'} remote.ip={attrs.remote_ip or '-'}")
     if attrs.auth is not None:
         lines.append(f"jwt:      iss={attrs.auth.issuer} sub={attrs.auth.subject}")
     if workload.namespace is not None:

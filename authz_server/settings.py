@@ -97,6 +97,16 @@ def serving_layer(text: str) -> str:
     return text
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def log_level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"invalid log level {text!r}: one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
 def workload_kind(text: str) -> str:
     if text not in WORKLOAD_KINDS:
         raise argparse.ArgumentTypeError(f"invalid workload kind {text!r}: one of {', '.join(WORKLOAD_KINDS)}")
@@ -123,7 +133,7 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option("policies", "policy file or directory (YAML/JSON, multi-document; a ConfigMap volume works)", ""),
     Option("listen", "gRPC listen address (Authorization, Diagnostics, health, reflection)", "0.0.0.0:9000",
-           parse_listen, ("serve",)),
+           parse_listen, ("serve", "health")),
     Option("root_namespace", "Istio root namespace: its policies apply mesh-wide", "istio-system"),
     Option("trust_domain", "mesh trust domain; 'cluster.local' in principals maps onto it", "cluster.local"),
     Option("trust_domain_aliases", "comma-separated trust domain aliases", "", parse_list),
@@ -142,10 +152,11 @@ OPTIONS: tuple[Option, ...] = (
            "or grpcio (adds Health/Watch, at several times the CPU per Check)", "fast", serving_layer,
            ("serve",)),
     Option("grace_period", "seconds to finish in-flight Checks on SIGTERM", "10", positive_float, ("serve",)),
-    Option("workers", "worker processes sharing the gRPC port (SO_REUSEPORT); 0 = one per CPU", "0",
+    Option("workers", "worker processes sharing the gRPC port (SO_REUSEPORT); 0 = one per CPU this process may "
+           "use (CPU affinity and cgroup quota)", "0",
            non_negative_int, ("serve",)),
     Option("metrics_listen", "HTTP address for /metrics, /healthz, /readyz ('off' disables)", "0.0.0.0:9090",
-           listen_or_off, ("serve",)),
+           listen_or_off, ("serve", "health")),
     Option("decision_log", "one JSON line per Check to stdout, stderr, or off", "stdout", decision_log_target,
            ("serve",)),
     Option("decision_log_allow_sample", "fraction of allowed Checks logged (denies are always logged)", "1.0",
@@ -165,7 +176,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("jwks_max_stale", "seconds the last good JWKS are kept while the IdP fails", "86400", positive_float),
     Option("jwks_refresh_min_interval", "minimum seconds between unknown-kid refreshes per issuer", "10",
            positive_float),
-    Option("log_level", "DEBUG, INFO, WARNING or ERROR", "INFO", str.upper, ("serve", "explain", "validate")),
+    Option("log_level", "DEBUG, INFO, WARNING or ERROR", "INFO", log_level, ("serve", "explain", "validate", "health")),
 )
 
 

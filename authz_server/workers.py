@@ -9,6 +9,8 @@ health endpoints (Prometheus multiprocess mode over a private directory).
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import logging
 import os
 import shutil
@@ -28,6 +30,79 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2
 MAX_BACKOFF_SECONDS = 30.0
+#: a worker's exit status for "this configuration cannot serve" (the CLI's usage error)
+EXIT_CONFIG = 2
+METRICS_PREFIX = "authz-metrics-"
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the forked worker: get SIGTERM when the supervisor dies, even by SIGKILL.
+
+    An orphaned worker would keep answering on the port without the supervisor's port claim.
+    """
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+class MetricsDirectory:
+    """The Prometheus multiprocess directory of one supervisor: created on start, removed on exit.
+
+    Workers write their samples there (``PROMETHEUS_MULTIPROC_DIR``). A supervisor killed with
+    SIGKILL cannot remove it, so each directory holds a lock for as long as its supervisor lives,
+    and a new supervisor removes the directories whose lock nobody holds.
+    """
+
+    def __init__(self, path: str, lock: int) -> None:
+        self.path = path
+        self._lock = lock
+
+    @classmethod
+    def create(cls) -> MetricsDirectory:
+        from authz_server.startup import StartupError
+
+        # TMPDIR or /tmp, never tempfile's silent fall-back to the working directory.
+        parent = os.environ.get("TMPDIR") or "/tmp"
+        try:
+            cls.sweep(parent)
+            # Locked under a name the sweep ignores, then renamed: never swept while being made.
+            staging = tempfile.mkdtemp(prefix="." + METRICS_PREFIX, dir=parent)
+            lock = os.open(os.path.join(staging, ".lock"), os.O_CREAT | os.O_RDWR, 0o600)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            path = os.path.join(parent, os.path.basename(staging)[1:])
+            os.rename(staging, path)
+        except OSError as exc:
+            raise StartupError(
+                f"--workers with --metrics-listen keeps the workers' metrics in a temporary directory, and "
+                f"{parent} (TMPDIR) is not writable: {exc.strerror or exc}. Mount a writable directory there "
+                "(the chart mounts an emptyDir at /tmp), set TMPDIR, or use --workers 1 or --metrics-listen off"
+            ) from None
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+        return cls(path, lock)
+
+    @staticmethod
+    def sweep(parent: str) -> None:
+        """Remove metrics directories left by supervisors that no longer run."""
+        for entry in os.scandir(parent):
+            if not entry.name.startswith(METRICS_PREFIX) or not entry.is_dir(follow_symlinks=False):
+                continue
+            try:
+                fd = os.open(os.path.join(entry.path, ".lock"), os.O_RDWR)
+            except OSError:
+                continue  # not ours, or being created right now
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # its supervisor is alive
+            finally:
+                os.close(fd)
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.close(self._lock)
 
 
 @dataclass
@@ -47,6 +122,8 @@ class Supervisor:
         self.grace_period = grace_period
         self._stopping = False
         self._hup = False
+        #: 0, or EXIT_CONFIG when a worker exited because of its configuration
+        self.exit_code = 0
 
     def _command(self) -> list[str]:
         # Later flags win in argparse: each worker is a plain single-process server.
@@ -54,32 +131,39 @@ class Supervisor:
 
     def _start(self, worker: Worker) -> None:
         env = {**os.environ, "AUTHZ_WORKER_ID": str(worker.index)}
-        worker.process = subprocess.Popen(self._command(), env=env, stdin=subprocess.DEVNULL)
+        worker.process = subprocess.Popen(self._command(), env=env, stdin=subprocess.DEVNULL,
+                                          preexec_fn=_die_with_parent)
         worker.started_at = time.monotonic()
         log.info("worker %d started (pid %d)", worker.index, worker.process.pid)
 
     def run(self) -> int:
-        metrics_dir = tempfile.mkdtemp(prefix="authz-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-        endpoint = self._ops_endpoint(metrics_dir) if self.metrics_listen else None
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
-        signal.signal(signal.SIGHUP, self._on_hup)
+        """Supervise until SIGTERM/SIGINT (0), or until a worker reports a configuration error (2)."""
+        metrics = MetricsDirectory.create() if self.metrics_listen else None
         try:
-            for worker in self.workers:
-                self._start(worker)
-            if endpoint is not None:
-                endpoint.start()
-            while not self._stopping:
-                self._supervise(metrics_dir)
-                time.sleep(POLL_SECONDS)
-            self._drain()
+            endpoint = self._ops_endpoint(metrics.path) if metrics is not None else None
+            signal.signal(signal.SIGTERM, self._on_stop)
+            signal.signal(signal.SIGINT, self._on_stop)
+            signal.signal(signal.SIGHUP, self._on_hup)
+            try:
+                for worker in self.workers:
+                    self._start(worker)
+                if endpoint is not None:
+                    endpoint.start()
+                while not self._stopping:
+                    self._supervise(metrics.path if metrics else None)
+                    time.sleep(POLL_SECONDS)
+                self._drain()
+            finally:
+                if endpoint is not None:
+                    endpoint.stop()
         finally:
-            if endpoint is not None:
-                endpoint.stop()
-            shutil.rmtree(metrics_dir, ignore_errors=True)
-        log.info("all workers stopped")
-        return 0
+            if metrics is not None:
+                metrics.remove()
+        if self.exit_code:
+            log.error("stopped: a worker could not start with this configuration (see its error above)")
+        else:
+            log.info("all workers stopped")
+        return self.exit_code
 
     def _on_stop(self, signum: int, frame: FrameType | None) -> None:
         self._stopping = True
@@ -87,7 +171,7 @@ class Supervisor:
     def _on_hup(self, signum: int, frame: FrameType | None) -> None:
         self._hup = True
 
-    def _supervise(self, metrics_dir: str) -> None:
+    def _supervise(self, metrics_dir: str | None) -> None:
         from prometheus_client import multiprocess
 
         now = time.monotonic()
@@ -104,7 +188,17 @@ class Supervisor:
             code = worker.process.poll()
             if code is None:
                 continue
-            multiprocess.mark_process_dead(worker.process.pid, metrics_dir)
+            if metrics_dir is not None:
+                multiprocess.mark_process_dead(worker.process.pid, metrics_dir)
+            if code == EXIT_CONFIG:
+                # The start-up checks passed here, so this is what a worker alone can see (e.g. the
+                # port taken meanwhile): restarting would fail the same way for ever.
+                log.error("worker %d (pid %d) exited on a configuration error; stopping",
+                          worker.index, worker.process.pid)
+                worker.process = None
+                self.exit_code = EXIT_CONFIG
+                self._stopping = True
+                return
             # Quick crash loops back off; a worker that ran a while restarts at once.
             stable = now - worker.started_at > MAX_BACKOFF_SECONDS
             worker.restarts = 0 if stable else worker.restarts + 1
@@ -131,6 +225,7 @@ class Supervisor:
         return any(w.process is not None and w.process.poll() is None for w in self.workers)
 
     def _ops_endpoint(self, metrics_dir: str) -> OpsEndpoint:
+        """The aggregated /metrics and the health endpoints, bound before any worker starts."""
         from prometheus_client import CollectorRegistry, multiprocess
 
         from authz_server.observability.http_endpoint import OpsEndpoint
@@ -149,4 +244,4 @@ class Supervisor:
                         return True, f"{running} workers ready"
             return False, "workers not ready (policies or JWKS not loaded yet)"
 
-        return OpsEndpoint(self.metrics_listen, registry, ready, self.alive)
+        return OpsEndpoint.bind(self.metrics_listen, registry, ready, self.alive)

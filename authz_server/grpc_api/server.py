@@ -65,7 +65,6 @@ class GrpcioServing:
             self.server.add_secure_port(listen, tls.credentials())
 
     async def start(self) -> None:
-        await self.set_serving(False)
         await self.server.start()
 
     async def set_serving(self, serving: bool) -> None:
@@ -157,17 +156,23 @@ class AuthzGrpcServer:
         self._stopping = asyncio.Event()
 
     async def run(self) -> int:
-        await self.serving.start()
-        log.info("gRPC listening on %s (%s serving layer)", self.listen, self.serving_name)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
         loop.add_signal_handler(signal.SIGINT, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload()))
+        # Policies (and JWKS, within its budget) first, then the port: with SO_REUSEPORT a worker
+        # that listened before loading would take connections from its ready siblings and deny
+        # their Checks until its policies were in.
         await self.app.start(on_change=self._reload)
         self.app.sync_metrics()
         await self.serving.set_serving(self.app.store.loaded)
+        await self.serving.start()
+        log.info("gRPC listening on %s (%s serving layer)", self.listen, self.serving_name)
         if not self.app.store.loaded:
-            log.error("no valid policy set: every Check is denied until one loads (fix it and send SIGHUP)")
+            interval = getattr(self.app.args, "reload_interval", 0.0)
+            how = f"it is re-read every {interval:g}s" if interval > 0 else "send SIGHUP to reload it"
+            log.error("no valid policy set: every Check is denied until one loads (fix %s; %s)",
+                      self.app.store.path, how)
         await self._stopping.wait()
         log.info("shutting down: draining in-flight Checks for up to %.1fs", self.grace_period)
         await self.serving.set_serving(False)

@@ -13,14 +13,20 @@ from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from authz_server.startup import StartupError
+
 log = logging.getLogger(__name__)
 
 #: returns (ready, why-not); evaluated on every /readyz request
 Readiness = Callable[[], tuple[bool, str]]
 
 
+def _starting() -> tuple[bool, str]:
+    return False, "starting"
+
+
 class OpsEndpoint:
-    def __init__(self, listen: str, registry: CollectorRegistry, ready: Readiness,
+    def __init__(self, listen: str, registry: CollectorRegistry, ready: Readiness = _starting,
                  alive: Callable[[], bool] = lambda: True) -> None:
         host, _, port = listen.rpartition(":")
         endpoint = self
@@ -56,6 +62,20 @@ class OpsEndpoint:
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, name="ops-http", daemon=True)
+
+    @classmethod
+    def bind(cls, listen: str, registry: CollectorRegistry, ready: Readiness = _starting,
+             alive: Callable[[], bool] = lambda: True) -> OpsEndpoint:
+        """Bind ``listen`` (``--metrics-listen``) now; a busy address is a :class:`StartupError`."""
+        try:
+            return cls(listen, registry, ready, alive)
+        except OSError as exc:
+            raise StartupError(f"--metrics-listen {listen}: cannot bind: {exc.strerror or exc}; choose a free "
+                               "address (AUTHZ_METRICS_LISTEN) or 'off'") from None
+
+    def attach(self, ready: Readiness) -> None:
+        """Answer /readyz from ``ready`` (the server's parts exist only after the port is bound)."""
+        self.ready = ready
 
     def start(self) -> None:
         self._thread.start()

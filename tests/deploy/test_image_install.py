@@ -68,6 +68,8 @@ def test_dockerfile_final_stage():
     env = " ".join(instrs["ENV"])
     assert "PYTHONDONTWRITEBYTECODE=1" in env
     assert sorted(" ".join(instrs["EXPOSE"]).split()) == ["9000", "9090"]
+    # the health check follows the server's own settings (AUTHZ_METRICS_LISTEN), no fixed port
+    assert instrs["HEALTHCHECK"][-1].endswith('CMD ["authz-server", "health"]')
     # exec form: authz-server is PID 1 and gets SIGTERM itself (shell form would wrap it in sh -c)
     assert json.loads(instrs["ENTRYPOINT"][-1]) == ["authz-server"]
 
@@ -111,6 +113,9 @@ def test_image_install_steps_produce_a_working_server(tmp_path):
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert "serve" in result.stdout
+    # the image runs the fast path: uvloop is part of it
+    probe = subprocess.run([str(venv / "bin" / "python"), "-c", "import uvloop"], capture_output=True)
+    assert probe.returncode == 0, "uvloop missing from the image venv: " + probe.stderr.decode()
     # build-only tools must not end up in the runtime venv
     probe = subprocess.run([str(venv / "bin" / "python"), "-c", "import grpc_tools"], capture_output=True)
     assert probe.returncode != 0, "grpcio-tools leaked into the runtime venv"

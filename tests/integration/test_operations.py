@@ -120,12 +120,17 @@ spec:
 
 
 class Load:
-    """Checks in a loop from a few threads, counting every answer by outcome; bounded in time."""
+    """Checks in a loop from a few threads, counting every answer by outcome; bounded in time.
 
-    def __init__(self, address: str, seconds: float = 30.0) -> None:
+    ``codes`` counts failed calls by gRPC status code, for tests that tell a refused call
+    (UNAVAILABLE: nothing listens, or the stream was refused during a drain) from a dropped one.
+    """
+
+    def __init__(self, address: str, seconds: float = 60.0) -> None:
         self.channel = grpc.insecure_channel(address)
         self.check = external_auth_pb2_grpc.AuthorizationStub(self.channel).Check
         self.counts = {"allow": 0, "deny": 0, "error": 0}
+        self.codes: dict[str, int] = {}
         self.deadline = time.monotonic() + seconds
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(4)]
@@ -133,12 +138,15 @@ class Load:
 
     def _run(self) -> None:
         while not self.stop.is_set() and time.monotonic() < self.deadline:
+            code = ""
             try:
-                outcome = "allow" if self.check(request(), timeout=5).status.code == 0 else "deny"
-            except grpc.RpcError:
-                outcome = "error"
+                outcome = "allow" if self.check(request(), timeout=10).status.code == 0 else "deny"
+            except grpc.RpcError as exc:
+                outcome, code = "error", exc.code().name
             with self.lock:
                 self.counts[outcome] += 1
+                if code:
+                    self.codes[code] = self.codes.get(code, 0) + 1
 
     def __enter__(self) -> Load:
         for t in self.threads:
@@ -148,7 +156,7 @@ class Load:
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         for t in self.threads:
-            t.join(timeout=10)
+            t.join(timeout=15)
         self.channel.close()
 
 
@@ -171,32 +179,40 @@ def test_reload_under_load_switches_decisions_without_errors(tmp_path: Path) -> 
 
 
 def test_workers_share_the_port_restart_after_a_crash_and_drain_on_sigterm(tmp_path: Path) -> None:
+    """Properties, not counts: a killed worker is replaced and the server is ready again within
+    30 s; once it is, Checks succeed without a single error; SIGTERM under load drains — no call
+    fails other than by being refused (UNAVAILABLE) — and the supervisor exits 0."""
     policies = tmp_path / "p.yaml"
     policies.write_text(ALLOW_GET_FROM_SLEEP)
     port, ops = free_port(), free_port()
+    address = f"127.0.0.1:{port}"
     with ProcessGroup(tmp_path / "logs") as group:
         supervisor = group.start_authz_server(
             policies, port, ["--workers", "2", "--metrics-listen", f"127.0.0.1:{ops}", "--decision-log", "off"])
-        wait_for(lambda: http_get(ops, "/readyz")[0] == 200)
+        wait_for(lambda: http_get(ops, "/readyz")[0] == 200, timeout=30)
         first = children(supervisor.pid)
         assert len(first) == 2
-        with Load(f"127.0.0.1:{port}") as load:
-            wait_for(lambda: load.counts["allow"] > 20)
+        with Load(address) as load:
+            wait_for(lambda: load.counts["allow"] > 20, timeout=30)
             os.kill(first[0], signal.SIGKILL)
-            wait_for(lambda: len(children(supervisor.pid)) == 2 and first[0] not in children(supervisor.pid))
-            wait_for(lambda: http_get(ops, "/readyz")[0] == 200)
-            total = load.counts["allow"]
-            wait_for(lambda: load.counts["allow"] > total + 20)
-        # Connections to the killed worker fail once; the client reconnects to the survivor.
-        assert load.counts["deny"] == 0 and load.counts["error"] <= 8
-        text = http_get(ops, "/metrics")[1]
-        assert metric(text, "authz_checks_total", decision="allow", reason="allowed_by_policy") > 0
+            wait_for(lambda: len(children(supervisor.pid)) == 2 and first[0] not in children(supervisor.pid),
+                     timeout=30)
+            wait_for(lambda: http_get(ops, "/readyz")[0] == 200, timeout=30)
+        assert load.counts["deny"] == 0  # calls may fail while the worker dies; none is answered wrongly
         assert "restarting" in supervisor.log_tail(40)
 
-        with Load(f"127.0.0.1:{port}") as load:
-            wait_for(lambda: load.counts["allow"] > 20)
+        with Load(address) as after:  # recovered: a fresh client sees no failure at all
+            wait_for(lambda: after.counts["allow"] > 50, timeout=30)
+        assert after.counts["error"] == 0 and after.counts["deny"] == 0, after.codes
+        text = http_get(ops, "/metrics")[1]
+        assert metric(text, "authz_checks_total", decision="allow", reason="allowed_by_policy") > 0
+
+        with Load(address) as draining:
+            wait_for(lambda: draining.counts["allow"] > 20, timeout=30)
             supervisor.popen.send_signal(signal.SIGTERM)
-            assert supervisor.popen.wait(timeout=30) == 0
+            assert supervisor.popen.wait(timeout=60) == 0
+        assert set(draining.codes) <= {"UNAVAILABLE"}, draining.codes
+        assert draining.counts["deny"] == 0
         assert "all workers stopped" in supervisor.log_tail(10)
 
 

@@ -165,7 +165,8 @@ def test_invalid_policies_at_startup_never_serve_and_deny(tmp_path: Path) -> Non
     with ProcessGroup(tmp_path / "logs") as group:
         process = group.start(
             "authz-server", [*authz_server_command(), "serve", "--policies", str(policies), "--listen", address],
-            ready=lambda: "rejected" in (tmp_path / "logs" / "authz-server.log").read_text(),
+            ready=lambda: all(line in (tmp_path / "logs" / "authz-server.log").read_text()
+                              for line in ("rejected", "gRPC listening")),
         )
         assert not grpc_serving(address)
         with grpc.insecure_channel(address) as channel:

@@ -25,7 +25,9 @@ spec:
 
 def test_validate_ok(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", str(EXAMPLES / "policies")]) == 0
-    assert "OK: 2 AuthorizationPolicies, 1 RequestAuthentications, 0 errors" in capsys.readouterr().err
+    out = capsys.readouterr()
+    assert "OK: 2 AuthorizationPolicies, 1 RequestAuthentications, 0 errors" in out.out  # results on stdout
+    assert out.err == ""
 
 
 def test_validate_prints_one_line_per_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -36,14 +38,17 @@ def test_validate_prints_one_line_per_problem(tmp_path: Path, capsys: pytest.Cap
     assert lines == [
         f"{prefix}from[0].source.ipBlocks[0]: invalid IP address or CIDR '300.1.1.1'",
         f"{prefix}to[0].operation.ports[0]: invalid port '99999': must be a decimal number 0-65535",
+        "INVALID: 1 AuthorizationPolicies, 0 RequestAuthentications, 2 errors, 0 warnings",
     ]
 
 
-def test_explain_prints_decision_policy_and_reasons(capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["explain", "--policies", str(EXAMPLES / "policies"), "--request", str(EXAMPLES / "request.yaml"),
-                 "--jwks-refresh-min-interval", "3600"])
+def test_explain_prints_decision_policy_and_reasons(capsys: pytest.CaptureFixture[str],
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    code = main(["explain", "--policies", str(EXAMPLES / "policies"), "--request", str(EXAMPLES / "request.yaml")])
     out = capsys.readouterr().out
     assert code == 0
+    # offline: the request carries no token, so no JWKS fetch was tried (and none warned about)
+    assert [r.getMessage() for r in caplog.records if "JWKS" in r.getMessage()] == []
     assert "decision: ALLOW (HTTP 200)" in out
     assert "policy:   foo/allow-sleep-and-admins rule[0]" in out
     assert "rule[1]: no match: no from entry matched (failed: from[0].source.requestPrincipals)" in out
@@ -92,3 +97,11 @@ def test_readme_documents_every_option() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     missing = [o.flag for o in OPTIONS if o.flag not in readme or o.env not in readme]
     assert not missing, f"README configuration reference lacks {missing}"
+
+
+def test_explain_shows_absent_addresses_as_dashes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    request = tmp_path / "r.yaml"
+    request.write_text("method: GET\nhost: h\npath: /\ndestination: {principal: spiffe://cluster.local/ns/foo/sa/x}\n")
+    assert main(["explain", "--policies", str(EXAMPLES / "policies"), "--request", str(request)]) == 0
+    out = capsys.readouterr().out
+    assert "ip=- remote.ip=-" in out and "None" not in out
