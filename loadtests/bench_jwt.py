@@ -7,14 +7,14 @@ the gRPC framework.
 Measures (1) a cached token: extraction, digest lookup, exp/nbf, issuer and audience checks and
 the key-still-published check, and (2) a cache miss: parsing plus a full RS256 verification.
 
-Run:  source /work/venv/bin/activate && python loadtests/bench_jwt.py [iterations]
+Run:  .venv/bin/python loadtests/bench_jwt.py [iterations]
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
-import sys
 import time
 
 import jwt as pyjwt
@@ -114,4 +114,6 @@ def main(iterations: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 20000)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("iterations", nargs="?", type=int, default=20000, help="calls per measurement [20000]")
+    main(parser.parse_args().iterations)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import os
 import subprocess
+import shutil
 import sys
 import tempfile
 import time
@@ -82,6 +83,8 @@ def _lines(path: str) -> list[str]:
 
 
 _local_target: subprocess.Popen[str] | None = None
+#: the local target's logs and minted tokens; removed when Locust quits
+_local_workdir: str | None = None
 _tokens: _Tokens | None = None
 
 
@@ -95,10 +98,10 @@ def tokens() -> _Tokens:
 @events.init.add_listener
 def _start_local_target(environment: Environment, **_: object) -> None:
     """No target configured: start ``python -m loadtests.target`` and adopt the env it prints."""
-    global _local_target
+    global _local_target, _local_workdir
     if isinstance(environment.runner, WorkerRunner) or os.environ.get("AUTHZ_GRPC_TARGET"):
         return
-    workdir = tempfile.mkdtemp(prefix="authz-locust-")
+    workdir = _local_workdir = tempfile.mkdtemp(prefix="authz-locust-")
     argv = [sys.executable, "-m", "loadtests.target", "--workdir", workdir,
             "--workers", os.environ.get("AUTHZ_LOCAL_WORKERS", "1"),
             "--tokens", os.environ.get("AUTHZ_LOCAL_TOKENS", "2000")]
@@ -111,6 +114,7 @@ def _start_local_target(environment: Environment, **_: object) -> None:
         if line.startswith("Ctrl-C") or time.monotonic() > deadline:
             break
     if "AUTHZ_GRPC_TARGET" not in os.environ:
+        _local_workdir = None  # keep the logs for the reader
         raise RuntimeError(f"local target did not start; logs in {workdir}")
     if environment.host is None:
         environment.host = os.environ["AUTHZ_HTTP_TARGET"]
@@ -121,6 +125,8 @@ def _stop_local_target(**_: object) -> None:
     if _local_target is not None:
         _local_target.terminate()
         _local_target.wait(timeout=15)
+    if _local_workdir is not None:
+        shutil.rmtree(_local_workdir, ignore_errors=True)
 
 
 def _weighted(name: str, run: Callable[[User, str], None]) -> Callable[[User], None]:

@@ -14,6 +14,7 @@ import shutil
 import signal
 import string
 import sys
+import tempfile
 import threading
 import time
 from contextlib import ExitStack, contextmanager
@@ -56,13 +57,30 @@ class Demo:
     servers: dict[str, int]
 
 
-def run_demo(workdir: Path, keep_running: bool) -> int:
+def run_demo(workdir: Path | None, keep_running: bool) -> int:
     """Run the demo in *workdir*; 0 when every request got what it expected (status, and the
     headers that must or must not reach the upstream).
 
-    Ctrl-C returns 130; SIGTERM exits with 143 (``SystemExit``); both after stopping everything.
+    Without a *workdir* the demo works in a temporary directory, removed at the end unless the
+    demo failed (its logs are then worth reading). Ctrl-C returns 130; SIGTERM exits with 143
+    (``SystemExit``); both after stopping everything.
     """
-    workdir = Path(workdir).resolve()
+    if workdir is not None:
+        return _run_demo(Path(workdir).resolve(), keep_running)
+    temporary = Path(tempfile.mkdtemp(prefix="authz-demo-"))
+    failed = False
+    try:
+        code = _run_demo(temporary, keep_running)
+        failed = code not in (0, 130)
+        return code
+    finally:
+        if failed:
+            print(f"logs kept in {temporary}", file=sys.stderr)
+        else:  # passed, interrupted or terminated: nothing worth keeping
+            shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _run_demo(workdir: Path, keep_running: bool) -> int:
     started = time.monotonic()
     with _sigterm_exits():
         try:

@@ -7,6 +7,7 @@ import helm_python
 import pytest
 import yaml
 
+from authz_server.policy.loader import load_policies
 from chart_validation import CHART, is_istio_kind, istio_errors, load_values, mesh_errors, render, validate
 
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
@@ -70,6 +71,17 @@ def test_policies_for_the_server_are_valid_istio_objects(mode):
     for doc in docs:
         assert doc["kind"] in ("AuthorizationPolicy", "RequestAuthentication")
         assert istio_errors(doc) == [], doc["metadata"]["name"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_example_policies_load_in_the_real_server(mode, tmp_path):
+    """What the chart mounts is what the server loads: no error, and at least one policy."""
+    cm = one(mode, "ConfigMap", "authz-istio-ext-authz-policies")
+    for name, text in cm["data"].items():
+        (tmp_path / name).write_text(text)
+    policy_set = load_policies(tmp_path)
+    assert [str(e) for e in policy_set.errors] == []
+    assert policy_set.authorization_policies or policy_set.request_authentications
 
 
 EXPECTED_CUSTOM = {

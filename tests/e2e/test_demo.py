@@ -64,6 +64,18 @@ def test_demo_runs_the_script_and_stops_cleanly(tmp_path: Path) -> None:
     assert _processes_mentioning(str(workdir)) == []
 
 
+def test_demo_without_a_workdir_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Run outside a checkout, as a newcomer might: no ./.demo, nothing left in TMPDIR."""
+    cwd, tmp = tmp_path / "cwd", tmp_path / "tmp"
+    cwd.mkdir()
+    tmp.mkdir()
+    result = subprocess.run([*authz_server_command(), "demo"], cwd=cwd, capture_output=True, text=True,
+                            timeout=90, env={**os.environ, "TMPDIR": str(tmp)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert list(cwd.iterdir()) == [] and list(tmp.iterdir()) == []
+    assert _processes_mentioning(str(tmp)) == []
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_keep_running_stops_on_signal_without_orphans(tmp_path: Path, signum: int) -> None:
     workdir = tmp_path / "demo"

@@ -22,6 +22,9 @@ def test_locust_mix_meets_expectations(tmp_path: Path) -> None:
     assert importlib.util.find_spec("locust"), "pip install '.[load]' (locust)"
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHZ_")}
     env["AUTHZ_LOCAL_TOKENS"] = "200"
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env["TMPDIR"] = str(tmp)  # where the local target keeps its logs and minted tokens
     subprocess.run(
         [sys.executable, "-m", "locust", "-f", "loadtests/locustfile.py", "--headless", "-u", "6", "-r", "6",
          "-t", "4s", "--csv", str(tmp_path / "run"), "--only-summary", "--exit-code-on-error", "0"],
@@ -34,3 +37,4 @@ def test_locust_mix_meets_expectations(tmp_path: Path) -> None:
             row = rows[(kind, name)]
             assert int(row["Request Count"]) > 0, row
             assert int(row["Failure Count"]) == 0, row
+    assert list(tmp.iterdir()) == [], "the local target's workdir (logs, tokens) must be removed on exit"
