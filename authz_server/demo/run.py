@@ -190,14 +190,18 @@ Try:
 @contextmanager
 def _sigterm_exits() -> Iterator[None]:
     """While active, SIGTERM raises ``SystemExit`` (see :func:`exit_on_sigterm`) so the ``with``
-    blocks tear down as on Ctrl-C; the previous handler is restored afterwards. Only the main
-    thread can handle signals, so elsewhere (a test's worker thread) this does nothing."""
+    blocks tear down as on Ctrl-C, and SIGINT raises ``KeyboardInterrupt`` even when the demo
+    was started with SIGINT ignored (as a shell does for background jobs); the previous handlers
+    are restored afterwards. Only the main thread can handle signals, so elsewhere (a test's
+    worker thread) this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     exit_on_sigterm()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])

@@ -7,6 +7,7 @@ the servers' ``--policies``), so "no orphans" is checked as "no process mentions
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import time
@@ -79,14 +80,18 @@ def test_demo_without_a_workdir_leaves_nothing_behind(tmp_path: Path) -> None:
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_keep_running_stops_on_signal_without_orphans(tmp_path: Path, signum: int) -> None:
     workdir = tmp_path / "demo"
+    # Started with SIGINT ignored, as a shell starts background jobs (and as CI may run us):
+    # Ctrl-C must still stop the demo.
     demo = subprocess.Popen(_demo(workdir, "--keep-running"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, bufsize=0)
+                            stderr=subprocess.STDOUT, bufsize=0,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     assert demo.stdout is not None
     output = b""
     try:
         deadline = time.monotonic() + 60
         while _KEEP_RUNNING_MARKER not in output and time.monotonic() < deadline:
-            chunk = demo.stdout.read(4096)
+            ready, _, _ = select.select([demo.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            chunk = demo.stdout.read(4096) if ready else b""
             if not chunk:
                 break
             output += chunk
@@ -94,8 +99,9 @@ def test_keep_running_stops_on_signal_without_orphans(tmp_path: Path, signum: in
         assert b"curl -si --cacert" in output and (workdir / "tokens" / "admin.jwt").exists()
         assert _processes_mentioning(str(workdir))  # the mesh is up
         demo.send_signal(signum)
-        output += demo.stdout.read()
-        code = demo.wait(timeout=30)
+        rest, _ = demo.communicate(timeout=60)
+        output += rest
+        code = demo.returncode
     finally:
         if demo.poll() is None:
             os.kill(demo.pid, signal.SIGKILL)

@@ -297,10 +297,11 @@ def test_real_servers_decide_per_role(
 
 _SUPERVISOR = textwrap.dedent(
     """\
-    import sys, time
+    import signal, sys, time
     from pathlib import Path
     from authz_server.demo.processes import ProcessGroup, exit_on_sigterm, free_port
     exit_on_sigterm()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     with ProcessGroup(Path(sys.argv[1])) as group:
         print(group.start_upstream("echo", free_port()).pid, flush=True)
         time.sleep(60)
