@@ -32,6 +32,7 @@ from authz_server.grpc_api.diagnostics import Diagnostics, DiagnosticsService, I
 from authz_server.grpc_api.fast_server import FastGrpcServer, GrpcError, unary
 from authz_server.grpc_api.servicer import AuthorizationService, CheckHandler
 from authz_server.grpc_api.tls import RotatingCertificates
+from authz_server.startup import StartupError
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,11 @@ class AuthzGrpcServer:
         await self.app.start(on_change=self._reload)
         self.app.sync_metrics()
         await self.serving.set_serving(self.app.store.loaded)
-        await self.serving.start()
+        try:
+            await self.serving.start()
+        except OSError as exc:  # taken since the start-up check (which runs before the workers)
+            await self.app.stop()
+            raise StartupError(f"--listen {self.listen}: cannot bind: {exc.strerror or exc}") from None
         log.info("gRPC listening on %s (%s serving layer)", self.listen, self.serving_name)
         if not self.app.store.loaded:
             interval = getattr(self.app.args, "reload_interval", 0.0)

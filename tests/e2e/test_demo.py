@@ -99,7 +99,14 @@ def test_keep_running_stops_on_signal_without_orphans(tmp_path: Path, signum: in
         assert b"curl -si --cacert" in output and (workdir / "tokens" / "admin.jwt").exists()
         assert _processes_mentioning(str(workdir))  # the mesh is up
         demo.send_signal(signum)
-        rest, _ = demo.communicate(timeout=60)
+        try:
+            rest, _ = demo.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            demo.send_signal(signal.SIGUSR1)  # the CLI dumps every thread's stack on SIGUSR1
+            time.sleep(2)
+            demo.kill()
+            rest, _ = demo.communicate(timeout=30)
+            pytest.fail("the demo did not stop within 60 s of the signal:\n" + (output + rest).decode(errors="replace"))
         output += rest
         code = demo.returncode
     finally:
