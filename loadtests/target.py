@@ -106,8 +106,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"  export AUTHZ_DENIED_TOKEN_FILE={denied_file.resolve()}")
         print("Ctrl-C stops everything.", flush=True)
         try:
-            while True:
-                time.sleep(3600)
+            while True:  # short sleeps: a signal taken by another thread waits for the main one
+                time.sleep(0.5)
         except KeyboardInterrupt:
             pass
 

@@ -183,8 +183,11 @@ Try:
   curl -si -H 'host: {SERVICE_HOST}' {sleep}/get
   curl -si -H 'host: {BLOCKED_HOST}' {sleep}/
 """, flush=True)
+    # Short sleeps: a signal may be delivered to another thread (the IdP's, the echo apps'), and
+    # Python runs its handler only when the main thread next runs — a long sleep would delay
+    # Ctrl-C or SIGTERM until it ended.
     while True:
-        time.sleep(3600)
+        time.sleep(0.5)
 
 
 @contextmanager
