@@ -4,6 +4,8 @@
     authz-server validate PATH
     authz-server explain --policies PATH --request FILE
     authz-server health
+    authz-server test PATH... [--junit FILE] [--coverage]
+    authz-server diff --from OLD --to NEW --requests FILE...
     authz-server demo
 """
 
@@ -58,6 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
     health = commands.add_parser("health", help="exit 0 when the local server is alive (container health checks): "
                                  "/healthz on --metrics-listen, else gRPC health on --listen")
     add_options(health, "health")
+    test = commands.add_parser("test", help="run policy tests (YAML files with kind: PolicyTest) offline")
+    test.add_argument("paths", nargs="+", metavar="PATH", help="test file, or directory searched for test files")
+    test.add_argument("--junit", metavar="FILE", help="also write the results as JUnit XML")
+    test.add_argument("--coverage", action="store_true",
+                      help="list every policy rule and from/to/when entry no test exercised")
+    add_options(test, "explain")
+    diff = commands.add_parser("diff", help="decide the same requests under two policy sets; print what changes")
+    add_options(diff, "explain")
+    diff.add_argument("--from", dest="policies", metavar="OLD", default=argparse.SUPPRESS,
+                      help="the policy set in force (same as --policies)")
+    diff.add_argument("--to", required=True, metavar="NEW", help="the policy set to roll out")
+    diff.add_argument("--requests", nargs="+", required=True, metavar="FILE",
+                      help="test files or request descriptions (explain's format)")
     demo = commands.add_parser("demo", help="run the local mesh demo: real Envoy gateways and sidecars, mTLS, "
                                "a JWT issuer, scripted requests, a table of results")
     demo.add_argument("--workdir", default="", help="where certificates, configs and logs go, kept afterwards "
@@ -106,6 +121,14 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         from authz_server.demo.run import run_demo
 
         return run_demo(Path(args.workdir) if args.workdir else None, keep_running=args.keep_running)
+    if args.command == "test":
+        from authz_server.policy_tests.runner import run_tests
+
+        return run_tests(args)
+    if args.command == "diff":
+        from authz_server.policy_tests.diff import run_diff
+
+        return run_diff(args)
     if not args.policies:
         raise StartupError("--policies (or AUTHZ_POLICIES) is required")
     if args.command == "explain":

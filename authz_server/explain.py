@@ -16,7 +16,7 @@ from envoy.service.auth.v3.external_auth_pb2 import CheckRequest
 
 from authz_server.authorizer import Authorizer, Verdict
 from authz_server.engine.compiler import CompiledPolicy
-from authz_server.engine.engine import PolicyEngine
+from authz_server.engine.engine import PolicyEngine, WorkloadView
 from authz_server.engine.request import RequestAttributes
 from authz_server.engine.scope import destination_service
 from authz_server.grpc_api.check_request import RequestContextSettings, to_attributes
@@ -90,6 +90,8 @@ def parse_request_description(text: str) -> CheckRequest:
 class Explanation:
     verdict: Verdict
     text: str
+    #: the request as authorization saw it (after jwt_authn set ``auth`` and changed headers)
+    attrs: RequestAttributes
 
 
 async def explain(
@@ -100,7 +102,16 @@ async def explain(
 ) -> Explanation:
     attrs = to_attributes(check_request, context)
     verdict = await authorizer.check(attrs)
-    return Explanation(verdict, render(verdict, attrs, engine))
+    return Explanation(verdict, render(verdict, attrs, engine), attrs)
+
+
+def workload_view(attrs: RequestAttributes, engine: PolicyEngine) -> WorkloadView | None:
+    """What applies to the request's workload (``None`` when its namespace is unknown)."""
+    workload = attrs.workload
+    if workload.namespace is None:
+        return None
+    service = destination_service(attrs.host, workload.namespace) if workload.kind == "waypoint" else None
+    return engine.for_workload(workload, service)
 
 
 def render(verdict: Verdict, attrs: RequestAttributes, engine: PolicyEngine) -> str:
@@ -120,9 +131,9 @@ def render(verdict: Verdict, attrs: RequestAttributes, engine: PolicyEngine) -> 
                  f" ip={attrs.source_ip or '-'} remote.ip={attrs.remote_ip or '-'}")
     if attrs.auth is not None:
         lines.append(f"jwt:      iss={attrs.auth.issuer} sub={attrs.auth.subject}")
-    if workload.namespace is not None:
-        service = destination_service(attrs.host, workload.namespace) if workload.kind == "waypoint" else None
-        policies = engine.for_workload(workload, service).policies
+    view = workload_view(attrs, engine)
+    if view is not None:
+        policies = view.policies
         for title, group in (("DENY", policies.deny), ("ALLOW", policies.allow), ("AUDIT", policies.audit),
                              ("dry-run DENY", policies.dry_deny), ("dry-run ALLOW", policies.dry_allow)):
             for policy in group:

@@ -25,6 +25,8 @@ from authz_server.policy.model import Action, AuthorizationPolicy, Origin, Reque
 API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
 POLICY_SUFFIXES = (".yaml", ".yml", ".json")
 RA_SPEC_FIELDS = ("selector", "targetRef", "targetRefs", "jwtRules")
+#: ``authz-server test`` files live next to the policies; their documents are not policies
+TEST_KIND = "PolicyTest"
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,8 @@ def _parse_object(
     name = metadata.get("name")
     namespace = metadata.get("namespace")
     report.document = f"{kind or '?'}/{namespace or '?'}/{name or '?'}"
+    if kind == TEST_KIND:
+        return
     if kind not in ("AuthorizationPolicy", "RequestAuthentication"):
         report.warning("kind", f"{kind!r} ignored: only AuthorizationPolicy and RequestAuthentication are read")
         return
