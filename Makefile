@@ -14,12 +14,13 @@ $(BIN)/authz-server: pyproject.toml setup.py $(wildcard protos/authz_server/_pro
 
 venv: $(BIN)/authz-server
 
-# The load smoke tests drive Envoy with wrk and h2load (Debian packages wrk, nghttp2-client).
+# The load smoke tests drive Envoy with wrk and h2load (Debian packages wrk, nghttp2-client); the
+# chart's alert rules are checked with promtool and a real Prometheus (Debian package prometheus).
 sysdeps:
-	@command -v wrk >/dev/null && command -v h2load >/dev/null || { \
+	@command -v wrk >/dev/null && command -v h2load >/dev/null && command -v promtool >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nghttp2-client >/dev/null; \
-	  else echo "please install wrk and h2load (Debian: apt-get install wrk nghttp2-client)"; exit 1; fi; }
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nghttp2-client prometheus >/dev/null; \
+	  else echo "please install wrk, h2load and promtool (Debian: apt-get install wrk nghttp2-client prometheus)"; exit 1; fi; }
 
 test: venv sysdeps
 	$(BIN)/python -m pytest -q

@@ -84,6 +84,7 @@ class App:
     def reload(self) -> ReloadResult:
         result = self.store.reload()
         metrics.RELOADS.labels("success" if result.ok else "failure").inc()
+        metrics.LAST_RELOAD_OK.set(1 if result.ok else 0)
         policy_set = self.store.policy_set
         if result.ok and policy_set is not None:
             metrics.LAST_GOOD_LOAD.set(policy_set.loaded_at)

@@ -24,6 +24,8 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from prometheus_client import Counter
+
     from authz_server.observability.http_endpoint import OpsEndpoint
 
 log = logging.getLogger(__name__)
@@ -124,6 +126,8 @@ class Supervisor:
         self._hup = False
         #: 0, or EXIT_CONFIG when a worker exited because of its configuration
         self.exit_code = 0
+        #: the restart counter, when there is an aggregated /metrics to show it
+        self._restarts: Counter | None = None
 
     def _command(self) -> list[str]:
         # Later flags win in argparse: each worker is a plain single-process server.
@@ -139,6 +143,13 @@ class Supervisor:
     def run(self) -> int:
         """Supervise until SIGTERM/SIGINT (0), or until a worker reports a configuration error (2)."""
         metrics = MetricsDirectory.create() if self.metrics_listen else None
+        if metrics is not None:
+            from prometheus_client import Counter
+
+            # Made here, after the directory is set, so its samples join the workers' in the
+            # aggregated /metrics; not the workers' metrics module, whose zero-valued gauges would.
+            self._restarts = Counter("authz_worker_restarts", "Worker processes the supervisor restarted after "
+                                     "they exited", registry=None)
         try:
             endpoint = self._ops_endpoint(metrics.path) if metrics is not None else None
             signal.signal(signal.SIGTERM, self._on_stop)
@@ -205,6 +216,8 @@ class Supervisor:
             delay = min(MAX_BACKOFF_SECONDS, 0.5 * 2 ** worker.restarts) if worker.restarts else 0.0
             log.error("worker %d (pid %d) exited with %s; restarting in %.1fs",
                       worker.index, worker.process.pid, code, delay)
+            if self._restarts is not None:
+                self._restarts.inc()
             worker.process = None
             worker.next_start = now + delay
 

@@ -32,6 +32,9 @@ TOKEN_CACHE_SIZE = Gauge("authz_token_cache_entries", "Tokens in the verified-to
 RELOADS = Counter("authz_policy_reloads_total", "Policy set loads by result", ["result"])
 LAST_GOOD_LOAD = Gauge("authz_policy_last_success_timestamp_seconds", "Unix time of the last good policy load",
                        multiprocess_mode="max")
+LAST_RELOAD_OK = Gauge("authz_policy_last_reload_success",
+                       "1 when the latest policy load succeeded, 0 while a rejected set waits to be fixed",
+                       multiprocess_mode="livemin")
 POLICIES = Gauge("authz_policies_loaded", "Policies in the serving set, by kind", ["kind"],
                  multiprocess_mode="max")
 DRY_RUN = Counter("authz_dry_run_total", "Dry-run engine results", ["action", "result", "policy"])
