@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Any, Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine
 
 from authz_server.authorizer import Authorizer, Verdict, VerdictSettings
 from authz_server.engine.engine import MeshSettings
@@ -27,6 +27,9 @@ from authz_server.observability import metrics
 from authz_server.observability.decision_log import DecisionLog
 from authz_server.policy.watch import PolicyWatcher
 from authz_server.policy_store import PolicyStore, ReloadResult
+
+if TYPE_CHECKING:
+    from authz_server.observability.tracing import CheckTracer
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,7 @@ class App:
         workload = Workload(args.workload_namespace or None, args.workload_labels, args.workload_kind)
         self.context = RequestContextSettings(workload, args.num_trusted_proxies)
         self.decision_log = self._decision_log(args)
+        self.tracer = self._tracer(args)
         self._tasks: list[asyncio.Task[None]] = []
         self._synced_hits = self._synced_misses = 0
 
@@ -72,14 +76,25 @@ class App:
                            allow_sample_rate=args.decision_log_allow_sample, include_query=args.decision_log_query,
                            worker=int(worker) if worker and worker.isdigit() else None)
 
+    @staticmethod
+    def _tracer(args: argparse.Namespace) -> CheckTracer | None:
+        endpoint = getattr(args, "otel_endpoint", "")
+        if not endpoint:
+            return None
+        from authz_server.observability.tracing import build_tracer
+
+        return build_tracer(endpoint, args.otel_sample_ratio)
+
     def _authenticator(self, rules: tuple[JwtRule, ...]) -> JwtAuthenticator:
         return JwtAuthenticator(rules, self.jwks, self.verifier)
 
     def observe(self, verdict: Verdict, attrs: RequestAttributes | None, latency: float) -> None:
-        """Per answered Check: metrics, and the decision log line."""
+        """Per answered Check: metrics, the decision log line, the trace span."""
         metrics.record_check(verdict, latency)
         if self.decision_log is not None:
             self.decision_log.record(verdict, attrs, latency)
+        if self.tracer is not None:
+            self.tracer.record(verdict, attrs, latency)
 
     def reload(self) -> ReloadResult:
         result = self.store.reload()
@@ -171,3 +186,5 @@ class App:
                 await task
         if self.decision_log is not None:
             self.decision_log.flush()
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.shutdown)

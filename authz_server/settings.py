@@ -8,6 +8,7 @@ Precedence: flag, then environment, then default.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -107,6 +108,24 @@ def log_level(text: str) -> str:
     return level
 
 
+OTEL_INSTALL_HINT = "tracing needs the otel extra: pip install 'istio-ext-authz-server[otel]'"
+
+
+def otel_endpoint(text: str) -> str:
+    """An OTLP/gRPC collector URL; refused unless the otel extra is installed (one clear line)."""
+    if not text:
+        return ""
+    if not text.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"invalid OTLP endpoint {text!r}: expected http://HOST:PORT or https://HOST:PORT")
+    try:
+        found = importlib.util.find_spec("opentelemetry.exporter.otlp.proto.grpc") is not None
+    except ModuleNotFoundError:
+        found = False
+    if not found:
+        raise argparse.ArgumentTypeError(OTEL_INSTALL_HINT)
+    return text
+
+
 def workload_kind(text: str) -> str:
     if text not in WORKLOAD_KINDS:
         raise argparse.ArgumentTypeError(f"invalid workload kind {text!r}: one of {', '.join(WORKLOAD_KINDS)}")
@@ -176,6 +195,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("jwks_max_stale", "seconds the last good JWKS are kept while the IdP fails", "86400", positive_float),
     Option("jwks_refresh_min_interval", "minimum seconds between unknown-kid refreshes per issuer", "10",
            positive_float),
+    Option("otel_endpoint", "OTLP/gRPC collector for an OpenTelemetry span per Check, joined to Envoy's trace "
+           "(http://host:4317 plaintext, https:// TLS; '' = no tracing; needs pip install '.[otel]')", "",
+           otel_endpoint, ("serve",)),
+    Option("otel_sample_ratio", "fraction of Checks traced when the request carries no trace context "
+           "(Envoy's sampling decision is always followed)", "1.0", fraction, ("serve",)),
     Option("log_level", "DEBUG, INFO, WARNING or ERROR", "INFO", log_level, ("serve", "explain", "validate", "health")),
 )
 
