@@ -40,8 +40,11 @@ def check_request_from_description(doc: Any) -> CheckRequest:
     unknown = set(doc) - set(REQUEST_FIELDS)
     if unknown:
         raise RequestDescriptionError(f"unknown fields {sorted(unknown)} (expected {', '.join(REQUEST_FIELDS)})")
+    raw_headers = doc.get("headers") or {}
+    if not isinstance(raw_headers, Mapping):
+        raise RequestDescriptionError("headers must be an object: name -> value or list of values")
     headers: dict[str, str] = {}
-    for name, value in (doc.get("headers") or {}).items():
+    for name, value in raw_headers.items():
         values = value if isinstance(value, list) else [value]
         headers[str(name).lower()] = ",".join(str(v) for v in values)
     method = str(doc.get("method", "GET"))

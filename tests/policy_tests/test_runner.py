@@ -116,6 +116,9 @@ def test_bad_test_files_get_one_line_per_problem(tmp_path: Path, capsys) -> None
           expect: {decision: deny}
         - request: {}
           expect: {decision: deny}
+        - name: third
+          request: {headers: [x-a]}
+          expect: {decision: deny}
         """)
     code, lines = run(capsys, str(tmp_path))
     assert code == 1
@@ -133,7 +136,8 @@ def test_bad_test_files_get_one_line_per_problem(tmp_path: Path, capsys) -> None
         f"ERROR {f}: test 'first': name: duplicate test name in this file",
         f"ERROR {f}: test 'first': request: jwt.claims.iss must be the issuer (a non-empty string)",
         f"ERROR {f}: tests[2]: name: required: a non-empty string",
-        "0 passed, 0 failed, 11 errors",
+        f"ERROR {f}: test 'third': request: headers must be an object: name -> value or list of values",
+        "0 passed, 0 failed, 12 errors",
     ]
 
 
