@@ -273,4 +273,4 @@ def test_test_files_next_to_the_policies_are_not_policies(tmp_path: Path, capsys
     shutil.copytree(WORKSHOP, tmp_path / "workshop")
     assert main(["validate", str(tmp_path / "workshop")]) == 0
     captured = capsys.readouterr()
-    assert captured.out == "" and "0 errors, 0 warnings" in captured.err
+    assert captured.out.splitlines() == ["OK: 6 AuthorizationPolicies, 1 RequestAuthentications, 0 errors, 0 warnings"]
