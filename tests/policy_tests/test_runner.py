@@ -274,3 +274,13 @@ def test_test_files_next_to_the_policies_are_not_policies(tmp_path: Path, capsys
     assert main(["validate", str(tmp_path / "workshop")]) == 0
     captured = capsys.readouterr()
     assert captured.out.splitlines() == ["OK: 6 AuthorizationPolicies, 1 RequestAuthentications, 0 errors, 0 warnings"]
+
+
+def test_the_readme_example_runs_against_the_workshop_policies(tmp_path: Path, capsys) -> None:
+    readme = (WORKSHOP.parents[1] / "README.md").read_text()
+    section = readme.split("## Testing your policies", 1)[1]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    shutil.copytree(WORKSHOP, tmp_path / "workshop")
+    (tmp_path / "workshop" / "readme_test.yaml").write_text(example)
+    code, lines = run(capsys, str(tmp_path / "workshop" / "readme_test.yaml"))
+    assert (code, lines[-1]) == (0, "1 passed, 0 failed, 0 errors"), "\n".join(lines)
