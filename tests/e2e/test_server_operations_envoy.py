@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from cryptography import x509
 
 from authz_server.demo import envoy_config as ec
 from authz_server.demo.client import request
-from authz_server.demo.pki import issue_workload_cert, make_ca
+from authz_server.demo.pki import CertificateAuthority, IssuedCert, issue_workload_cert, make_ca
 from authz_server.demo.processes import ProcessGroup, free_port
 from authz_server.demo.upstream import EchoUpstream
 
@@ -32,9 +33,17 @@ def _front(group: ProcessGroup, upstream: int, authz: ec.AuthzSettings) -> int:
     return port
 
 
-def _serial(port: int) -> int:
-    pem = ssl.get_server_certificate(("127.0.0.1", port))
-    return x509.load_pem_x509_certificate(pem.encode()).serial_number
+def _serial(port: int, ca: CertificateAuthority, client: IssuedCert) -> int:
+    """Serial of the certificate the listener serves, asked as an mTLS client would: with a
+    client certificate (without one the server may abort the handshake before it completes)."""
+    context = ssl.create_default_context(cafile=str(ca.cert_path))
+    context.load_cert_chain(str(client.cert_path), str(client.key_path))
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="authz.local") as tls:
+            der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
 
 
 def test_envoy_reaches_a_tls_listener_with_mtls_and_rotated_certificates(tmp_path: Path) -> None:
@@ -54,15 +63,15 @@ def test_envoy_reaches_a_tls_listener_with_mtls_and_rotated_certificates(tmp_pat
         denied = request(front, "/post", method="POST")
         assert denied.status == 403 and denied.body == b"RBAC: access denied"
 
-        before = _serial(port)
+        before = _serial(port, ca, client_cert)
         rotated = issue_workload_cert(ca, None, dns_names=("authz.local",), name="authz-rotated")
         server_cert.cert_path.write_bytes(rotated.cert_path.read_bytes())
         server_cert.key_path.write_bytes(rotated.key_path.read_bytes())
         deadline = time.monotonic() + 10
-        while _serial(port) == before:
+        while _serial(port, ca, client_cert) == before:
             assert time.monotonic() < deadline, "rotated certificate never served"
             time.sleep(0.1)
-        assert _serial(port) == x509.load_pem_x509_certificate(rotated.cert_path.read_bytes()).serial_number
+        assert _serial(port, ca, client_cert) == x509.load_pem_x509_certificate(rotated.cert_path.read_bytes()).serial_number
 
 
 def test_checks_from_one_envoy_spread_over_workers(tmp_path: Path) -> None:
