@@ -17,7 +17,7 @@ from authz_server.engine.decide import RBAC_DENIED_BODY, AuthzDecision, DryRunRe
 from authz_server.engine.engine import PolicyEngine
 from authz_server.engine.request import RequestAttributes
 from authz_server.engine.scope import destination_service
-from authz_server.jwt.authenticator import AuthnResult
+from authz_server.jwt.authenticator import AuthnResult, raw_query_names
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,9 @@ class Verdict:
     #: headers added to the client's response on allow (the dry-run header)
     response_headers: Headers = ()
     remove_headers: tuple[str, ...] = ()
+    #: query parameters removed from the upstream request on allow (a consumed JWT), as the
+    #: request spells them
+    remove_query_params: tuple[str, ...] = ()
     dry_run: tuple[DryRunResult, ...] = ()
     audited: tuple[str, ...] = ()
     request_principal: str = ""
@@ -138,6 +141,8 @@ class Authorizer:
             upstream_headers=((*authn.headers_to_set, *self.settings.ok_headers) if authn and allowed
                               else self.settings.ok_headers if allowed else ()),
             remove_headers=authn.headers_to_remove if authn and allowed else (),
+            remove_query_params=(raw_query_names(req.raw_path, authn.query_params_to_remove)
+                                 if authn and allowed and authn.query_params_to_remove else ()),
             dry_run=decision.dry_run,
             audited=decision.audited,
             request_principal=f"{auth.issuer}/{auth.subject}" if auth and auth.subject is not None else "",

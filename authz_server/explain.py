@@ -148,6 +148,8 @@ def render(verdict: Verdict, attrs: RequestAttributes, engine: PolicyEngine) -> 
         lines.append("upstream headers set: " + ", ".join(k for k, _ in verdict.upstream_headers))
     if verdict.remove_headers:
         lines.append("upstream headers removed: " + ", ".join(verdict.remove_headers))
+    if verdict.remove_query_params:
+        lines.append("upstream query parameters removed: " + ", ".join(verdict.remove_query_params))
     return "\n".join(lines)
 
 

@@ -60,6 +60,9 @@ class AuthzSettings:
     authority: str = "authz-server.istio-system.svc.cluster.local"
     #: TLS to a server running with --tls-cert (outside the mesh); None = plaintext
     tls: UpstreamTls | None = None
+    #: ``encode_raw_headers``: every header value sent on its own (``header_map``), so repeated
+    #: headers (two Cookie lines, a token header sent twice) reach the server as Envoy saw them
+    encode_raw_headers: bool = False
 
 
 @dataclass(frozen=True)
@@ -311,6 +314,8 @@ def _ext_authz_filter(authz: AuthzSettings) -> Config:
     }
     if authz.labels_key is not None:
         config["bootstrap_metadata_labels_key"] = authz.labels_key
+    if authz.encode_raw_headers:
+        config["encode_raw_headers"] = True
     return {"name": "envoy.filters.http.ext_authz", "typed_config": config}
 
 

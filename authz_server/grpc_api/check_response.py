@@ -56,6 +56,7 @@ def to_check_response(verdict: Verdict) -> CheckResponse:
             ok_response=OkHttpResponse(
                 headers=_options(verdict.upstream_headers),
                 headers_to_remove=list(verdict.remove_headers),
+                query_parameters_to_remove=list(verdict.remove_query_params),
                 response_headers_to_add=_options(verdict.response_headers),
             ),
             dynamic_metadata=metadata,

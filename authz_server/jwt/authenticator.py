@@ -12,6 +12,8 @@ CORS preflight bypass (SPEC 7). Its observable behaviour, reproduced here:
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -34,8 +36,11 @@ from authz_server.jwt.verify import (
 log = logging.getLogger(__name__)
 
 Outcome = Literal["none", "ok", "denied"]
-#: Envoy's extractJWT: after the prefix, skip to the first of these and take the run of them.
-_TOKEN_RUN = re.compile(r"[A-Za-z0-9_.-]+")
+#: Envoy's extractJWT: after the prefix, skip to the first of these and take the rest of the value.
+_TOKEN_START = re.compile(r"[A-Za-z0-9_.-]")
+#: protobuf's JSON printer (what Envoy base64-encodes for list/object claims) escapes these.
+_JSON_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+_UINT64_LIMIT = 2.0**64
 #: Claims Envoy always splits on spaces in the metadata payload.
 _SPACE_DELIMITED = ("scope", "permission")
 #: kid of the public-only stand-in JWKS istiod pushes when a fetch fails (SPEC 7.1).
@@ -60,6 +65,8 @@ class AuthnResult:
     www_authenticate: str | None = None
     headers_to_set: tuple[tuple[str, str], ...] = ()
     headers_to_remove: tuple[str, ...] = ()
+    #: query parameters (decoded names) jwt_authn strips upstream: the consumed token's
+    query_params_to_remove: tuple[str, ...] = ()
     reason: str = "no_token"
     kid: str = ""
     issuer: str = ""
@@ -93,6 +100,7 @@ class _Attempt:
     #: Overrides the reason derived from ``status`` (e.g. istiod's stand-in key answered).
     reason: str = ""
     token_headers: list[str] = field(default_factory=list)
+    token_params: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,10 +138,12 @@ class JwtAuthenticator:
         self._locations = _locations(self.rules)
         self._sanitize = tuple(dict.fromkeys(h for r in self.rules for h in r.output_header_names))
         # A token that verified gives the same result every time (claims, headers): remember it
-        # by (location, token), with what its validity still depends on — time, and the key that
-        # verified it still being published — re-checked on every hit. Bounded like the
-        # verifier's cache; only single-token requests are remembered.
-        self._verified: dict[tuple[str, str], _Verified] = {}
+        # by (location, token) — the location object carries its kind, name, prefix and the
+        # providers that configured it, everything the result depends on besides the token —
+        # with what its validity still depends on (time, and the key that verified it still being
+        # published) re-checked on every hit. Bounded like the verifier's cache; only
+        # single-token requests are remembered.
+        self._verified: dict[tuple[_Location, str], _Verified] = {}
 
     async def authenticate(self, request: RequestAttributes) -> AuthnResult:
         """Never raises: any unexpected failure is a 401, logged without the token."""
@@ -149,7 +159,7 @@ class JwtAuthenticator:
         found = self._extract(request)
         if not found:
             return AuthnResult("none", headers_to_remove=self._sanitize)
-        key = (found[0][0].name, found[0][1]) if len(found) == 1 else None
+        key = found[0] if len(found) == 1 else None
         if key is not None and (hit := self._verified.get(key)) is not None and self._still_valid(hit):
             self._verifier.record_hit()
             return hit.result
@@ -171,7 +181,7 @@ class JwtAuthenticator:
         keys = self._jwks.current_keys(hit.rule)
         return keys is not None and hit.fingerprint in keys.fingerprints
 
-    def _remember(self, key: tuple[str, str], result: AuthnResult, attempt: _Attempt, rule: JwtRule) -> None:
+    def _remember(self, key: tuple[_Location, str], result: AuthnResult, attempt: _Attempt, rule: JwtRule) -> None:
         assert attempt.jwt is not None
         fingerprint = self._verifier.verified_by(attempt.digest)
         if not fingerprint:
@@ -181,18 +191,23 @@ class JwtAuthenticator:
         self._verified[key] = _Verified(result, attempt.jwt, rule, fingerprint)
 
     def _extract(self, request: RequestAttributes) -> list[tuple[_Location, str]]:
-        """Tokens per location, in Envoy's order: headers, query parameters, cookies."""
+        """Tokens per location, in Envoy's order: headers (one per header value), query
+        parameters, cookies."""
         params: dict[str, str] | None = None
         cookies: dict[str, str] | None = None
         found: list[tuple[_Location, str]] = []
         for location in self._locations:
             if location.kind == "header":
-                token = _from_header(request.headers.get(location.name), location.prefix)
-            elif location.kind == "param":
+                for value in _header_values(request, location.name):
+                    token = _from_header(value, location.prefix)
+                    if token is not None:
+                        found.append((location, token))
+                continue
+            if location.kind == "param":
                 params = _query_params(request.raw_path) if params is None else params
                 token = params.get(location.name)
             else:
-                cookies = _cookies(request.headers.get("cookie", "")) if cookies is None else cookies
+                cookies = _cookies(_header_values(request, "cookie")) if cookies is None else cookies
                 token = cookies.get(location.name)
             if token is not None:
                 found.append((location, token))
@@ -205,8 +220,10 @@ class JwtAuthenticator:
         for location, token in found:
             if index not in location.providers:
                 continue
-            if location.kind == "header":
+            if location.kind == "header" and location.name not in attempt.token_headers:
                 attempt.token_headers.append(location.name)
+            elif location.kind == "param" and location.name not in attempt.token_params:
+                attempt.token_params.append(location.name)
             if token in seen:
                 continue
             seen.add(token)
@@ -266,13 +283,18 @@ class JwtAuthenticator:
         # after sets, so removing a header we set would drop our own value.
         written = {name for name, _ in to_set}
         remove = [h for h in self._sanitize if h not in written]
+        params: tuple[str, ...] = ()
         if not rule.forward_original_token:
+            # jwt_authn's removeJwt: a header location loses the header, a query location its
+            # parameter; a cookie stays (Envoy does not edit cookies).
             remove.extend(h for h in attempt.token_headers if h not in remove)
+            params = tuple(attempt.token_params)
         return AuthnResult(
             "ok",
             auth=RequestAuth(jwt.issuer, jwt.subject, _normalise_claims(jwt.payload, provider.space_delimited)),
             headers_to_set=tuple(to_set),
             headers_to_remove=tuple(remove),
+            query_params_to_remove=params,
             reason="ok",
             kid=jwt.kid,
             issuer=jwt.issuer,
@@ -321,17 +343,27 @@ def _locations(rules: tuple[JwtRule, ...]) -> tuple[_Location, ...]:
     )
 
 
-def _from_header(value: str | None, prefix: str) -> str | None:
-    """Newest Envoy: find ``prefix`` case-sensitively anywhere, take the base64url/dot run after it."""
-    if value is None:
-        return None
+def _header_values(request: RequestAttributes, name: str) -> tuple[str, ...]:
+    """Every value of a header as Envoy's header map holds them: one by one when Envoy sent
+    them so (``encode_raw_headers``), else the single comma-joined value of the CheckRequest."""
+    if request.header_values is not None:
+        return request.header_values.get(name, ())
+    value = request.headers.get(name)
+    return () if value is None else (value,)
+
+
+def _from_header(value: str, prefix: str) -> str | None:
+    """Envoy 1.40's extractor: find ``prefix`` case-sensitively anywhere in the value, skip to
+    the first base64url/dot character after it and take everything from there to the end of the
+    value (so trailing junk is part of the token and fails it); no such character → the whole
+    value as it is."""
     if not prefix:
         return value
     at = value.find(prefix)
     if at < 0:
         return None
-    run = _TOKEN_RUN.search(value, at + len(prefix))
-    return value if run is None else run.group()
+    start = _TOKEN_START.search(value, at + len(prefix))
+    return value if start is None else value[start.start():]
 
 
 def _query_params(raw_path: str) -> dict[str, str]:
@@ -345,16 +377,27 @@ def _query_params(raw_path: str) -> dict[str, str]:
     return params
 
 
-def _cookies(header: str) -> dict[str, str]:
-    """Envoy's parseCookies: ``;``-separated ``name=value``, quotes stripped, first one wins."""
+def raw_query_names(raw_path: str, names: tuple[str, ...]) -> tuple[str, ...]:
+    """The query keys of ``raw_path`` that decode to one of ``names``, spelled as sent: what to
+    ask Envoy to remove so the parameter jwt_authn would strip is gone however it was encoded."""
+    wanted = set(names)
+    query = raw_path.partition("?")[2].partition("#")[0]
+    keys = (pair.partition("=")[0] for pair in query.split("&") if pair)
+    return tuple(dict.fromkeys(key for key in keys if unquote(key) in wanted))
+
+
+def _cookies(headers: tuple[str, ...]) -> dict[str, str]:
+    """Envoy's parseCookies over every Cookie header: ``;``-separated ``name=value``, quotes
+    stripped, the first one wins."""
     cookies: dict[str, str] = {}
-    for part in header.split(";"):
-        name, eq, value = part.strip().partition("=")
-        if not eq or not name:
-            continue
-        if len(value) >= 2 and value[0] == value[-1] == '"':
-            value = value[1:-1]
-        cookies.setdefault(name, value)
+    for header in headers:
+        for part in header.split(";"):
+            name, eq, value = part.strip().partition("=")
+            if not eq or not name:
+                continue
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            cookies.setdefault(name, value)
     return cookies
 
 
@@ -378,7 +421,10 @@ def _normalise_claims(payload: dict[str, Any], space_delimited: tuple[str, ...])
 
 
 def _claim_header_value(payload: dict[str, Any], claim: str) -> str | None:
-    """String, number and bool claims (``a.b`` walks nested objects); others are not copied."""
+    """The header value Envoy 1.40 writes for a claim (``a.b`` walks nested objects): a
+    string as is (an empty one sets nothing), a bool ``true``/``false``, a number as
+    ``convertClaimDoubleToString`` does, a list or object as the base64 of its JSON; null and
+    absent claims set nothing."""
     value: Any = payload
     for part in claim.split("."):
         if not isinstance(value, dict) or part not in value:
@@ -387,9 +433,44 @@ def _claim_header_value(payload: dict[str, Any], claim: str) -> str | None:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return value
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return str(int(value)) if value.is_integer() else repr(value)
+        return value or None
+    try:
+        if isinstance(value, (int, float)):
+            return _claim_number(float(value))
+        if isinstance(value, (list, dict)):
+            return base64.b64encode(_protobuf_json(value).encode()).decode()
+    except OverflowError:  # an integer beyond any double: nothing sensible to write
+        return None
     return None
+
+
+def _claim_number(number: float) -> str:
+    """Envoy's ``convertClaimDoubleToString``: a whole number in [0, 2^64) as an integer, any
+    other number with ``std::to_string`` (six decimals)."""
+    if number < 0 or number >= _UINT64_LIMIT or not number.is_integer():
+        return f"{number:f}"
+    return str(int(number))
+
+
+def _protobuf_json(value: Any) -> str:
+    """JSON as protobuf prints a ``google.protobuf.Value`` (how Envoy holds the payload): compact,
+    numbers as doubles in shortest ``%.15g``/``%.17g`` form, non-ASCII kept, ``<``, ``>``,
+    U+2028/9 escaped. Object keys keep the token's order (Envoy's own order is its hash map's)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float)):
+        return _simple_dtoa(float(value))
+    if isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+        return text.translate(str.maketrans(_JSON_ESCAPES)) if any(c in text for c in _JSON_ESCAPES) else text
+    if isinstance(value, list):
+        return "[" + ",".join(_protobuf_json(item) for item in value) + "]"
+    return "{" + ",".join(f"{_protobuf_json(str(k))}:{_protobuf_json(v)}" for k, v in value.items()) + "}"
+
+
+def _simple_dtoa(number: float) -> str:
+    """protobuf's ``SimpleDtoa``: ``%.15g`` when it round-trips, else ``%.17g``."""
+    short = f"{number:.15g}"
+    return short if float(short) == number else f"{number:.17g}"

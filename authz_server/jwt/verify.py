@@ -69,8 +69,10 @@ _IMPLEMENTED_ALGS = frozenset(
     {"ES256", "ES384", "ES512", "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA"}
 )
 _ALGORITHMS = {name: alg for name, alg in get_default_algorithms().items() if name in _IMPLEMENTED_ALGS}
-_BASE64URL = re.compile(r"^[A-Za-z0-9_-]*={0,2}$")
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*(={1,2})?")
 _B64_TRANSLATE = bytes.maketrans(b"-_", b"+/")
+#: ASCII whitespace the base64 decoder of Envoy 1.40 (absl on simdutf) skips anywhere.
+_BASE64_SPACE = str.maketrans("", "", " \t\n\f\r")
 #: protobuf's JSON parser (what Envoy uses) refuses nesting deeper than this.
 MAX_JSON_DEPTH = 100
 _UINT64_LIMIT = 2**64
@@ -109,10 +111,22 @@ class ParsedJwt:
 
 
 def _b64decode(segment: str) -> bytes | None:
-    """absl::WebSafeBase64Unescape: base64url with optional padding, nothing else accepted."""
-    if not _BASE64URL.match(segment) or len(segment.rstrip("=")) % 4 == 1:
+    """absl::WebSafeBase64Unescape as Envoy 1.40 builds it (simdutf, loose last chunk): ASCII
+    whitespace anywhere is skipped; padding is optional but, when present, must complete the
+    last quantum; nothing else is accepted."""
+    compact = segment
+    match = _BASE64URL.fullmatch(compact)
+    if match is None:
+        compact = segment.translate(_BASE64_SPACE)
+        match = _BASE64URL.fullmatch(compact)
+        if match is None:
+            return None
+    if match.group(1) is not None:
+        if len(compact) % 4:
+            return None
+    elif len(compact) % 4 == 1:
         return None
-    data = segment.encode("ascii").translate(_B64_TRANSLATE)
+    data = compact.encode("ascii").translate(_B64_TRANSLATE)
     try:
         return binascii.a2b_base64(data + b"=" * (-len(data) % 4), strict_mode=False)
     except binascii.Error:
@@ -121,12 +135,17 @@ def _b64decode(segment: str) -> bytes | None:
 
 def _json_object(data: bytes) -> dict[str, Any] | None:
     try:
-        value = json.loads(data)
+        value = json.loads(data, parse_constant=_reject_constant)
     except (ValueError, RecursionError):
         return None
     if not isinstance(value, dict) or _too_deep(value, data):
         return None
     return value
+
+
+def _reject_constant(name: str) -> Any:
+    """``NaN``/``Infinity`` are not JSON; protobuf's parser (Envoy's) refuses them."""
+    raise ValueError(f"{name} is not JSON")
 
 
 def _too_deep(value: Any, data: bytes) -> bool:
