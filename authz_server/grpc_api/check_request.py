@@ -69,10 +69,7 @@ def to_attributes(request: CheckRequest, settings: RequestContextSettings) -> Re
     http = attrs.request.http
     if not http.method or not http.path:
         raise MalformedCheckRequest("CheckRequest has no HTTP method or path")
-    # Envoy sends lower-case names already; lower-case only if one is not (a foreign client).
-    headers: dict[str, str] = dict(http.headers)
-    if any(not k.islower() and k.lower() != k for k in headers):
-        headers = {k.lower(): v for k, v in headers.items()}
+    headers = _lower_case_names(http.headers)
     header_values: dict[str, tuple[str, ...]] | None = None
     if http.header_map.headers:
         collected: dict[str, list[str]] = {}
@@ -100,6 +97,25 @@ def to_attributes(request: CheckRequest, settings: RequestContextSettings) -> Re
         sni=attrs.tls_session.sni or None,
         workload=workload,
     )
+
+
+def _lower_case_names(sent: Mapping[str, str]) -> dict[str, str]:
+    """Envoy sends lower-case names already; lower-case only if one is not (a foreign client).
+
+    Two names that differ only in case (``X-Debug`` and ``x-debug``, possible only from a
+    direct gRPC client) make the request malformed: a protobuf map has no order to merge them
+    by, and picking one would let the decision differ between processes.
+    """
+    headers = dict(sent)
+    if all(k.islower() or k.lower() == k for k in headers):
+        return headers
+    lowered: dict[str, str] = {}
+    for name, value in headers.items():
+        key = name.lower()
+        if key in lowered:
+            raise MalformedCheckRequest(f"header {key[:64]!r} sent more than once with different case")
+        lowered[key] = value
+    return lowered
 
 
 def _workload(principal: str, labels: Mapping[str, str], static: Workload) -> Workload:

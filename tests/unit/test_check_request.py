@@ -92,3 +92,18 @@ def test_raw_header_map_keeps_repeated_values() -> None:
 def test_requests_without_http_basics_are_malformed(request_: CheckRequest) -> None:
     with pytest.raises(MalformedCheckRequest):
         to_attributes(request_, STATIC)
+
+
+def test_header_names_differing_only_in_case_are_malformed() -> None:
+    """Regression: ``X-Debug: off`` and ``x-debug: on`` from a direct gRPC client decided by map
+    order, which differs between processes; such a request is refused whatever the order."""
+    for order in ((("X-Debug", "off"), ("x-debug", "on")), (("x-debug", "on"), ("X-Debug", "off"))):
+        request = describe()
+        request.attributes.request.http.headers.clear()
+        for name, value in order:
+            request.attributes.request.http.headers[name] = value
+        with pytest.raises(MalformedCheckRequest, match="x-debug"):
+            to_attributes(request, STATIC)
+    mixed = describe()
+    mixed.attributes.request.http.headers["X-Only-Once"] = "1"
+    assert to_attributes(mixed, STATIC).headers["x-only-once"] == "1"
