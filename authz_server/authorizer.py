@@ -24,12 +24,12 @@ log = logging.getLogger(__name__)
 Headers = tuple[tuple[str, str], ...]
 
 
-@dataclass(slots=True, unsafe_hash=True)
+@dataclass(slots=True)
 class Verdict:
     """What to answer Envoy, and why.
 
-    Treated as immutable (it keys the response cache) but not ``frozen``: a frozen dataclass
-    pays ``object.__setattr__`` per field on construction, once per Check.
+    Treated as immutable (response caches key on its fields) but not ``frozen``: a frozen
+    dataclass pays ``object.__setattr__`` per field on construction, once per Check.
     """
 
     allowed: bool

@@ -7,7 +7,7 @@ Istio's own RBAC/jwt_authn filters would answer. A decision is never a gRPC erro
 
 from __future__ import annotations
 
-import functools
+from typing import Callable, Generic, Hashable, TypeVar
 
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.auth.v3.external_auth_pb2 import CheckResponse, DeniedHttpResponse, OkHttpResponse
@@ -43,12 +43,61 @@ def dynamic_metadata(verdict: Verdict) -> Struct | None:
     return struct
 
 
-@functools.lru_cache(maxsize=4096)
-def to_check_response(verdict: Verdict) -> CheckResponse:
-    """The response for a verdict; cached, since a handful of verdicts make up most traffic.
+#: A response larger than this is built per Check and never cached: it carries request data
+#: (a ``www-authenticate`` realm with the request's host and path, a long claim value) that a
+#: cache must not keep on the client's behalf.
+MAX_CACHED_RESPONSE_BYTES = 2048
+#: What one response cache may hold (responses and their keys); when full it starts over.
+RESPONSE_CACHE_BYTES = 4 << 20
 
-    Verdicts are immutable values, and a cached message is only ever read (serialised) by gRPC.
-    """
+T = TypeVar("T")
+
+
+def response_key(verdict: Verdict) -> Hashable:
+    """The verdict fields the CheckResponse is made of, and nothing else: verdicts differing
+    only in what is logged (token digest, issuer, detail) share one cached response."""
+    return (
+        verdict.allowed, verdict.http_status, verdict.body, verdict.reason, verdict.policy,
+        verdict.deny_headers, verdict.upstream_headers, verdict.response_headers,
+        verdict.remove_headers, verdict.remove_query_params, verdict.dry_run,
+    )
+
+
+class ResponseCache(Generic[T]):
+    """Responses by :func:`response_key`, bounded in bytes: a handful of verdicts make up most
+    traffic, so each is built once; responses over :data:`MAX_CACHED_RESPONSE_BYTES` are not
+    kept at all, so no request can make the cache hold its strings."""
+
+    def __init__(self, build: Callable[[Verdict], T], size: Callable[[T], int],
+                 budget: int = RESPONSE_CACHE_BYTES) -> None:
+        self._build = build
+        self._size = size
+        self._budget = budget
+        self._entries: dict[Hashable, T] = {}
+        self.bytes = 0
+
+    def __call__(self, verdict: Verdict) -> T:
+        key = response_key(verdict)
+        cached = self._entries.get(key)
+        if cached is not None:
+            return cached
+        response = self._build(verdict)
+        size = self._size(response)
+        if size <= MAX_CACHED_RESPONSE_BYTES:
+            # The key holds the same strings as the response: count them twice.
+            if self.bytes + 2 * size > self._budget:
+                self._entries.clear()
+                self.bytes = 0
+            self._entries[key] = response
+            self.bytes += 2 * size
+        return response
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def build_check_response(verdict: Verdict) -> CheckResponse:
+    """The response for a verdict (uncached)."""
     metadata = dynamic_metadata(verdict)
     if verdict.allowed:
         return CheckResponse(
@@ -72,3 +121,10 @@ def to_check_response(verdict: Verdict) -> CheckResponse:
         ),
         dynamic_metadata=metadata,
     )
+
+
+#: The response message (grpcio serving layer); a cached message is only ever read by gRPC.
+to_check_response: ResponseCache[CheckResponse] = ResponseCache(build_check_response, CheckResponse.ByteSize)
+#: The serialised response (fast serving layer).
+serialized_response: ResponseCache[bytes] = ResponseCache(
+    lambda verdict: build_check_response(verdict).SerializeToString(), len)

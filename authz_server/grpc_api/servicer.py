@@ -7,7 +7,6 @@ servicer :meth:`CheckHandler.verdict`.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from typing import Callable
@@ -20,17 +19,12 @@ from google.protobuf.message import DecodeError
 from authz_server.authorizer import Authorizer, Verdict
 from authz_server.engine.request import RequestAttributes
 from authz_server.grpc_api.check_request import MalformedCheckRequest, RequestContextSettings, to_attributes
-from authz_server.grpc_api.check_response import to_check_response
+from authz_server.grpc_api.check_response import serialized_response, to_check_response
 
 log = logging.getLogger(__name__)
 
 #: called once per answered Check with the verdict, the request (None if malformed) and latency
 CheckObserver = Callable[[Verdict, RequestAttributes | None, float], None]
-
-
-@functools.lru_cache(maxsize=4096)
-def serialized_response(verdict: Verdict) -> bytes:
-    return to_check_response(verdict).SerializeToString()
 
 
 class CheckHandler:
