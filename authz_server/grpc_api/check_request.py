@@ -52,15 +52,15 @@ def remote_ip(
     """
     if not xff:
         return peer
-    entries = [e.strip() for e in xff.split(",")]
     if kind in GATEWAY_KINDS:
         if num_trusted_proxies <= 0:
             return peer
-        index = len(entries) - 1 - num_trusted_proxies
-        if index < 0:
+        # Only the rightmost N+1 entries matter: split no further than that.
+        entries = xff.rsplit(",", num_trusted_proxies + 1)
+        if len(entries) <= num_trusted_proxies:
             return peer
-        return parse_ip(entries[index]) or peer
-    return parse_ip(entries[-1]) or peer
+        return parse_ip(entries[-1 - num_trusted_proxies]) or peer
+    return parse_ip(xff.rpartition(",")[2]) or peer
 
 
 def to_attributes(request: CheckRequest, settings: RequestContextSettings) -> RequestAttributes:

@@ -107,3 +107,16 @@ def test_header_names_differing_only_in_case_are_malformed() -> None:
     mixed = describe()
     mixed.attributes.request.http.headers["X-Only-Once"] = "1"
     assert to_attributes(mixed, STATIC).headers["x-only-once"] == "1"
+
+
+def test_oversized_forwarded_for_entries_are_neither_parsed_nor_cached() -> None:
+    """Regression: parse_ip's cache was keyed by the raw X-Forwarded-For entry, so 8,192
+    distinct 60 KB values kept 484 MB."""
+    from authz_server.engine import request as request_module
+
+    before = request_module._parse_short_ip.cache_info().currsize
+    for n in range(200):
+        assert remote_ip(f"{n}" + "9" * 60_000, PEER, "sidecar", 0) == PEER
+        assert remote_ip("x" * 60_000 + f", {n}" + "1" * 60_000 + ", 10.0.0.1", PEER, "gateway", 1) == PEER
+    assert request_module._parse_short_ip.cache_info().currsize - before <= 1  # only "10.0.0.1"
+    assert remote_ip("  203.0.113.7  ", PEER, "sidecar", 0) == ip("203.0.113.7")
