@@ -119,17 +119,64 @@ def _expand_trust_domains(patterns: Iterable[str], trust_domains: Sequence[str])
 
 
 def namespace_matcher(patterns: Iterable[str]) -> StrTest:
-    """``namespaces``: regex ``.*/ns/<ns>/.*`` over the peer URI, where every ``*`` is a glob."""
-    return regex_matcher(".*/ns/" + ".*".join(re.escape(p) for p in pattern.split("*")) + "/.*" for pattern in patterns)
+    """``namespaces``: Istio's regex ``.*/ns/<ns>/.*`` over the peer URI, every ``*`` a glob.
+
+    Matched without a regex: the pattern is unanchored with ``.*`` between its literal pieces,
+    so finding each piece after the previous one, leftmost first, decides it in linear time (a
+    backtracking regex took seconds on a 2 KB URI with three wildcards).
+    """
+    needles = [_glob_pieces("/ns/" + pattern + "/") for pattern in patterns]
+    if not needles:
+        return _never
+    return lambda v: any(_pieces_in_order(v, pieces) for pieces in needles)
+
+
+def _glob_pieces(glob: str) -> tuple[str, ...]:
+    return tuple(piece for piece in glob.split("*") if piece)
+
+
+def _pieces_in_order(value: str, pieces: tuple[str, ...]) -> bool:
+    at = 0
+    for piece in pieces:
+        found = value.find(piece, at)
+        if found < 0:
+            return False
+        at = found + len(piece)
+    return True
 
 
 def service_account_matcher(values: Iterable[str]) -> StrTest:
-    """``serviceAccounts`` (``ns/sa`` after qualification): Istio's regex, no wildcards."""
-    regexes = []
-    for value in values:
-        ns, sa = value.split("/", 1)
-        regexes.append(f"spiffe://.+/ns/{re.escape(ns)}/(.+/|)sa/{re.escape(sa)}(/.+)?")
-    return regex_matcher(regexes)
+    """``serviceAccounts`` (``ns/sa`` after qualification), Istio's regex
+    ``spiffe://.+/ns/<ns>/(.+/|)sa/<sa>(/.+)?`` decided in linear time (the regex backtracked
+    quadratically: 1.8 s for a 72 KB principal).
+
+    The earliest ``/ns/<ns>/`` after a non-empty trust domain leaves the longest remainder, and a
+    remainder that holds ``sa/<sa>`` where the regex allows it keeps holding it when it grows on
+    the left, so one ``find`` for the namespace and a scan over the ``sa/<sa>`` occurrences decide.
+    """
+    accounts = [(f"/ns/{ns}/", f"sa/{sa}") for ns, sa in (value.split("/", 1) for value in values)]
+    if not accounts:
+        return _never
+    return lambda v: v.startswith(SPIFFE) and any(_service_account_in(v, ns, sa) for ns, sa in accounts)
+
+
+def _service_account_in(value: str, ns_piece: str, sa_piece: str) -> bool:
+    ns_at = value.find(ns_piece, len(SPIFFE) + 1)
+    if ns_at < 0:
+        return False
+    start = ns_at + len(ns_piece)
+    end = len(value)
+    at = value.find(sa_piece, start)
+    while at >= 0:
+        after = at + len(sa_piece)
+        # `(.+/|)` before: right after the namespace, or after a non-empty segment run and "/".
+        before_ok = at == start or (at >= start + 2 and value[at - 1] == "/")
+        # `(/.+)?` after: the end, or "/" and at least one more character.
+        after_ok = after == end or (value[after] == "/" and after + 1 < end)
+        if before_ok and after_ok:
+            return True
+        at = value.find(sa_piece, at + 1)
+    return False
 
 
 def trust_domain_matcher(patterns: Iterable[str]) -> StrTest:

@@ -16,6 +16,8 @@ from envoy.service.auth.v3.external_auth_pb2 import CheckRequest
 from authz_server.engine.request import IPAddress, RequestAttributes, Workload, parse_ip, strip_query
 
 GATEWAY_KINDS = frozenset({"gateway", "k8s-gateway"})
+#: The SPIFFE standard: implementations need not accept an ID longer than 2,048 bytes.
+MAX_SPIFFE_ID_BYTES = 2048
 
 
 class MalformedCheckRequest(ValueError):
@@ -79,6 +81,9 @@ def to_attributes(request: CheckRequest, settings: RequestContextSettings) -> Re
         header_values = {k: tuple(v) for k, v in collected.items()}
         if not headers:
             headers = {k: ",".join(v) for k, v in header_values.items()}
+    source_principal = attrs.source.principal
+    if len(source_principal) > MAX_SPIFFE_ID_BYTES // 4 and len(source_principal.encode()) > MAX_SPIFFE_ID_BYTES:
+        raise MalformedCheckRequest(f"source.principal longer than {MAX_SPIFFE_ID_BYTES} bytes (SPIFFE's limit)")
     source_ip = parse_ip(attrs.source.address.socket_address.address)
     dest = attrs.destination.address.socket_address
     workload = _workload(attrs.destination.principal, attrs.destination.labels, settings.workload)
@@ -89,7 +94,7 @@ def to_attributes(request: CheckRequest, settings: RequestContextSettings) -> Re
         raw_path=http.path,
         headers=headers,
         header_values=header_values,
-        source_principal=attrs.source.principal or None,
+        source_principal=source_principal or None,
         source_ip=source_ip,
         remote_ip=remote_ip(headers.get("x-forwarded-for"), source_ip, workload.kind, settings.num_trusted_proxies),
         destination_ip=parse_ip(dest.address),

@@ -120,3 +120,13 @@ def test_oversized_forwarded_for_entries_are_neither_parsed_nor_cached() -> None
         assert remote_ip("x" * 60_000 + f", {n}" + "1" * 60_000 + ", 10.0.0.1", PEER, "gateway", 1) == PEER
     assert request_module._parse_short_ip.cache_info().currsize - before <= 1  # only "10.0.0.1"
     assert remote_ip("  203.0.113.7  ", PEER, "sidecar", 0) == ip("203.0.113.7")
+
+
+def test_a_peer_principal_over_spiffes_limit_is_malformed() -> None:
+    request = describe()
+    request.attributes.source.principal = "spiffe://cluster.local/ns/foo/sa/" + "a" * (2048 - 33)
+    assert len(request.attributes.source.principal) == 2048
+    assert to_attributes(request, STATIC).source_principal == request.attributes.source.principal
+    request.attributes.source.principal += "é"
+    with pytest.raises(MalformedCheckRequest, match="2048 bytes"):
+        to_attributes(request, STATIC)
