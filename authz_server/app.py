@@ -53,7 +53,7 @@ class App:
             metrics.issuer_label(issuer), result).inc()
         self.verifier = TokenVerifier(VerifySettings(leeway=args.jwt_leeway, max_token_bytes=args.jwt_max_token_bytes))
         mesh = MeshSettings(args.root_namespace, args.trust_domain, tuple(args.trust_domain_aliases))
-        self.store = PolicyStore(args.policies, mesh, self._authenticator)
+        self.store = PolicyStore(args.policies, mesh, self._authenticator, args.allow_empty_policies)
         self.authorizer = Authorizer(
             self.store.engine,
             VerdictSettings(policy_header=args.policy_header, ok_headers=args.ok_headers, fail_open=args.fail_open,

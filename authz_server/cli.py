@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "validate":
-        return validate(args.path)
+        return validate(args.path, args.allow_empty_policies)
     if args.command == "health":
         from authz_server.healthcheck import check
 
@@ -136,10 +136,10 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     return serve(args, argv)
 
 
-def validate(path: str) -> int:
+def validate(path: str, allow_empty: bool = False) -> int:
     from authz_server.policy.loader import load_policies
 
-    policy_set = load_policies(path)
+    policy_set = load_policies(path, allow_empty)
     for issue in policy_set.issues:
         print(issue)
     errors = len(policy_set.errors)

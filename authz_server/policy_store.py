@@ -32,8 +32,12 @@ class PolicyStore:
         path: str | Path,
         mesh: MeshSettings,
         authenticator_factory: AuthenticatorFactory | None = None,
+        allow_empty: bool = False,
     ) -> None:
         self.path = str(path)
+        #: serve a set without policies (it allows every request); otherwise such a set is
+        #: rejected like any invalid one: not ready at start, the last good set kept on reload
+        self.allow_empty = allow_empty
         self.mesh = mesh
         self.authenticator_factory = authenticator_factory
         self._engine: PolicyEngine | None = None
@@ -58,7 +62,7 @@ class PolicyStore:
     def reload(self) -> ReloadResult:
         """Load the path again; publish it only when it has no error at all."""
         self.last_attempt_at = time.time()
-        policy_set = load_policies(self.path)
+        policy_set = load_policies(self.path, self.allow_empty)
         for warning in policy_set.warnings:
             log.warning("policy: %s", warning)
         if not policy_set.ok:
@@ -68,6 +72,8 @@ class PolicyStore:
             kept = f"keeping generation {self.generation}" if self._engine else "no policy set loaded"
             log.error("policy set at %s rejected (%d errors); %s", self.path, len(policy_set.errors), kept)
             return ReloadResult(False, policy_set.errors, policy_set.warnings)
+        if not (policy_set.authorization_policies or policy_set.request_authentications):
+            log.warning("policy set at %s is empty: every request is allowed (--allow-empty-policies)", self.path)
         engine = PolicyEngine(policy_set, self.mesh, self.authenticator_factory)
         self._engine = engine
         self.generation += 1

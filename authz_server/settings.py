@@ -182,6 +182,9 @@ OPTIONS: tuple[Option, ...] = (
            fraction, ("serve",)),
     Option("decision_log_query", "log the query string (sensitive parameters redacted)", "false", parse_bool,
            ("serve",)),
+    Option("allow_empty_policies", "accept a policy set with no policy at all, which allows every request; "
+           "without it such a set is invalid (not ready at start, last good set kept on reload)", "false",
+           parse_bool, ("serve", "explain", "validate")),
     Option("dry_run_header", "response header carrying dry-run results to the client ('' = none)", ""),
     Option("reload_interval", "seconds between checks of the policy path for changes (0 = only on SIGHUP)", "2",
            non_negative_float, ("serve",)),

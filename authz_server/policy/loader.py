@@ -4,10 +4,18 @@ A directory is read the way a Kubernetes ConfigMap volume presents it: regular f
 symlinks at the top level, hidden entries (``..data``, ``..2026_…``) skipped. Every document is
 parsed and validated; all problems are collected, and a set with any error is unusable as a
 whole (the caller keeps its last good set).
+
+Nothing that looks like a policy file is skipped silently: an entry named ``*.yaml``/``*.yml``/
+``*.json`` that is not a readable regular file (a dangling symlink, a symlink loop, a directory)
+is an error, since the policies it should hold would otherwise vanish from the set — a DENY
+turning into allow. Other visible entries are reported as ignored. A set without any policy
+allows every request, so it is an error too unless the caller allows it explicitly.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,22 +61,36 @@ class PolicySet:
 
 
 def policy_files(path: Path) -> list[Path]:
-    """The files a policy path stands for, sorted for deterministic order."""
+    """The entries a policy path stands for, sorted for deterministic order: the path itself,
+    or a directory's visible top-level entries named like policy files, whatever they are."""
     if path.is_dir():
-        return sorted(
-            p for p in path.iterdir() if not p.name.startswith(".") and p.suffix in POLICY_SUFFIXES and p.is_file()
-        )
+        return sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.suffix in POLICY_SUFFIXES)
     return [path]
 
 
-def load_policies(path: str | Path) -> PolicySet:
+EMPTY_SET = ("no AuthorizationPolicy or RequestAuthentication found: an empty set allows every request "
+             "(pass --allow-empty-policies to serve it)")
+
+
+def load_policies(path: str | Path, allow_empty: bool = False) -> PolicySet:
+    """Load and validate everything under ``path``; ``allow_empty`` accepts a set without
+    policies (which allows every request) instead of reporting it as an error."""
     path = Path(path)
     issues: list[Issue] = []
     if not path.exists():
         return PolicySet(str(path), issues=(Issue(str(path), "", "", "policy path does not exist"),))
     aps: list[AuthorizationPolicy] = []
     ras: list[RequestAuthentication] = []
-    for file in policy_files(path):
+    try:
+        files = policy_files(path)
+        if path.is_dir():
+            issues.extend(_ignored_entries(path))
+    except OSError as exc:
+        return PolicySet(str(path), issues=(Issue(str(path), "", "", f"cannot list: {exc.strerror or exc}"),))
+    for file in files:
+        if not file.is_file():
+            issues.append(Issue(str(file), "", "", _not_a_file(file)))
+            continue
         try:
             text = file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
@@ -76,7 +98,37 @@ def load_policies(path: str | Path) -> PolicySet:
             continue
         parse_documents(text, str(file), aps, ras, issues)
     _check_duplicates(aps, ras, issues)
+    enforced = bool(ras) or any(p.action is not Action.CUSTOM for p in aps)
+    if not enforced and not allow_empty and not any(i.severity == "error" for i in issues):
+        issues.append(Issue(str(path), "", "", EMPTY_SET))
     return PolicySet(str(path), tuple(aps), tuple(ras), tuple(issues))
+
+
+def _not_a_file(entry: Path) -> str:
+    """Why an entry named like a policy file cannot be read as one."""
+    try:
+        os.stat(entry)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "named like a policy file but is a symlink loop"
+        if entry.is_symlink():
+            return f"named like a policy file but is a dangling symlink (to {os.readlink(entry)!r})"
+        return f"named like a policy file but cannot be read: {exc.strerror or exc}"
+    if entry.is_dir():
+        return "named like a policy file but is a directory"
+    return "named like a policy file but is not a regular file"
+
+
+def _ignored_entries(directory: Path) -> list[Issue]:
+    """Visible entries that are not read, as warnings (``validate`` lists them)."""
+    issues = []
+    for entry in sorted(directory.iterdir()):
+        if entry.name.startswith(".") or entry.suffix in POLICY_SUFFIXES:
+            continue
+        what = ("directory ignored: policies are read from the top level only" if entry.is_dir()
+                else f"ignored: not a policy file (only {', '.join(POLICY_SUFFIXES)} are read)")
+        issues.append(Issue(str(entry), "", "", what, "warning"))
+    return issues
 
 
 def parse_documents(

@@ -32,7 +32,8 @@ def fingerprint(path: Path) -> Fingerprint:
         try:
             real = os.path.realpath(file)
             st = os.stat(real)
-        except OSError:
+        except OSError:  # a dangling link or a loop: its appearance is a change the reload reports
+            entries.append((str(file), "", -1, -1))
             continue
         entries.append((str(file), real, st.st_mtime_ns, st.st_size))
     return tuple(entries)
