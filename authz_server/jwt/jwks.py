@@ -18,14 +18,14 @@ import math
 import re
 import ssl
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, HMACAlgorithm, OKPAlgorithm, RSAAlgorithm
 from jwt.exceptions import InvalidKeyError
+
+from authz_server.jwt.http_get import HttpGetError, HttpGetter
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,10 @@ class JwksCache:
         self._sources: dict[tuple[str, str], _Source] = {}
         #: called with (issuer, "success" | "failure" | "rejected") after every fetch, for metrics
         self.on_fetch: Callable[[str, str], None] | None = None
-        self._ssl = ssl.create_default_context(cafile=self.settings.ca_bundle)
+        # Fetches are coroutines under the rule's timeout, never threads: a slow or stalled IdP
+        # cannot occupy the executor policy reloads run on (see http_get).
+        self._http = HttpGetter(ssl.create_default_context(cafile=self.settings.ca_bundle),
+                                self.settings.max_response_bytes)
 
     async def keys_for(self, rule: Any) -> KeySet | None:
         """The key set to verify ``rule``'s tokens with. Waits only for an issuer's first fetch."""
@@ -367,8 +370,8 @@ class JwksCache:
     async def _refresh(self, source: _Source) -> None:
         self.stats.fetches += 1
         try:
-            keys, ttl = await asyncio.wait_for(self._download(source), source.timeout)
-        except (FetchError, JwksError, asyncio.TimeoutError, OSError, ValueError) as exc:
+            keys, ttl = await self._download(source)
+        except (FetchError, HttpGetError, JwksError, OSError, ValueError) as exc:
             reason = str(exc) or type(exc).__name__
             if isinstance(exc, JwksError):
                 self.stats.rejected_documents += 1
@@ -399,13 +402,16 @@ class JwksCache:
             self.on_fetch(source.issuer, result)
 
     async def _download(self, source: _Source) -> tuple[KeySet, float]:
+        """Discovery (when needed) and the key set, together within the rule's timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + source.timeout
         uri = source.uri or await self._discover(source)
-        body, cache_control = await asyncio.to_thread(self._get, uri, source.timeout)
-        return parse_jwks(body), self._ttl(cache_control)
+        response = await self._http.get(uri, max(deadline - loop.time(), 0.0))
+        return parse_jwks(response.body), self._ttl(response.headers.get("cache-control", ""))
 
     async def _discover(self, source: _Source) -> str:
         url = source.issuer.rstrip("/") + "/.well-known/openid-configuration"
-        body, _ = await asyncio.to_thread(self._get, url, source.timeout)
+        body = (await self._http.get(url, source.timeout)).body
         try:
             document = json.loads(body)
         except (ValueError, RecursionError):
@@ -414,21 +420,6 @@ class JwksCache:
         if not isinstance(uri, str) or not uri.startswith(("https://", "http://")):
             raise FetchError(f"OIDC discovery document at {url} has no http(s) jwks_uri")
         return uri
-
-    def _get(self, url: str, timeout: float) -> tuple[bytes, str]:
-        """Blocking HTTP GET (runs in a worker thread)."""
-        request = urllib.request.Request(url, headers={"Accept": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=timeout, context=self._ssl) as response:
-                body = response.read(self.settings.max_response_bytes + 1)
-                cache_control = response.headers.get("Cache-Control", "")
-        except urllib.error.HTTPError as exc:
-            raise FetchError(f"GET {url}: HTTP {exc.code}") from None
-        except urllib.error.URLError as exc:
-            raise FetchError(f"GET {url}: {exc.reason}") from None
-        if len(body) > self.settings.max_response_bytes:
-            raise FetchError(f"GET {url}: response larger than {self.settings.max_response_bytes} bytes")
-        return body, cache_control
 
     def _ttl(self, cache_control: str) -> float:
         settings = self.settings

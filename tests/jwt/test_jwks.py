@@ -182,7 +182,7 @@ def test_tls_verification_required(idp, keys) -> None:
     idp.serve_json("/jwks", keys.jwks("key-1"))
     authn, cache, rules = _setup(idp, None)  # system trust store does not know the test CA
     status = asyncio.run(cache.prefetch(rules))
-    assert not status.ready and "CERTIFICATE_VERIFY_FAILED" in status.sources[0].last_error
+    assert not status.ready and "TLS certificate not trusted" in status.sources[0].last_error
     assert idp.count("/jwks") == 0
 
 
