@@ -106,6 +106,8 @@ class App:
             metrics.POLICIES.labels("AuthorizationPolicy").set(len(policy_set.authorization_policies))
             metrics.POLICIES.labels("RequestAuthentication").set(len(policy_set.request_authentications))
             metrics.issuer_label.update(rule.issuer for rule in self.jwt_rules())
+            if self.decision_log is not None:
+                self.decision_log.redact_params(name for rule in self.jwt_rules() for name in rule.from_params)
         return result
 
     def jwt_rules(self) -> list[JwtRule]:

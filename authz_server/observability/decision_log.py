@@ -2,7 +2,8 @@
 
 Logged: request id, decision, status, policy and rule, reason, peer and request principals,
 method, host, path (query dropped unless configured, then with sensitive parameters
-redacted), latency, dry-run results, a short digest of the token (never the token). Headers are
+redacted: a fixed list, every token parameter the policies configure, and any value shaped like a
+JWT), latency, dry-run results, a short digest of the token (never the token). Headers are
 never logged, so Authorization, cookies and tokens cannot leak through here. Lines are
 buffered and flushed at least every ``FLUSH_SECONDS`` so logging costs no syscall per Check;
 each write is a run of whole lines no longer than ``PIPE_BUF``, so several worker processes
@@ -14,10 +15,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import select
 import sys
 import time
-from typing import IO
+from typing import IO, Iterable
 from urllib.parse import parse_qsl, urlencode
 
 from authz_server.authorizer import Verdict
@@ -29,6 +31,8 @@ ATOMIC_WRITE = getattr(select, "PIPE_BUF", 512)
 REDACTED = "REDACTED"
 #: query parameters that carry credentials (Istio's default token parameter first)
 DEFAULT_SENSITIVE_PARAMS = ("access_token", "token", "id_token", "code", "password", "secret", "api_key", "apikey")
+#: header.payload[.signature] in base64url, the header starting with '{"' (``eyJ``)
+_JWT_SHAPE = re.compile(r"\s*eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_=-]+(\.[A-Za-z0-9_=-]*)?\s*")
 
 
 class DecisionLog:
@@ -45,8 +49,14 @@ class DecisionLog:
         self._pending: list[str] = []
         self.allow_sample_rate = allow_sample_rate
         self.include_query = include_query
-        self.sensitive_params = frozenset(p.lower() for p in sensitive_params)
+        self._fixed_params = frozenset(p.lower() for p in sensitive_params)
+        self.sensitive_params = self._fixed_params
         self._last_flush = time.monotonic()
+
+    def redact_params(self, names: Iterable[str]) -> None:
+        """Also redact these query parameters: the token parameters (``fromParams``) of the policy
+        set now loaded, replacing those of the previous one."""
+        self.sensitive_params = self._fixed_params | {name.lower() for name in names}
 
     def record(self, verdict: Verdict, attrs: RequestAttributes | None, latency: float) -> None:
         if verdict.allowed and self.allow_sample_rate < 1.0 and random.random() >= self.allow_sample_rate:
@@ -118,6 +128,6 @@ class DecisionLog:
         if not self.include_query or attrs.raw_path == attrs.path:
             return attrs.path
         query = attrs.raw_path[len(attrs.path):].lstrip("?").split("#", 1)[0]
-        pairs = [(k, REDACTED if k.lower() in self.sensitive_params else v)
+        pairs = [(k, REDACTED if k.lower() in self.sensitive_params or _JWT_SHAPE.fullmatch(v) else v)
                  for k, v in parse_qsl(query, keep_blank_values=True)]
         return f"{attrs.path}?{urlencode(pairs)}" if pairs else attrs.path

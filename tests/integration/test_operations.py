@@ -90,6 +90,9 @@ spec:
   jwtRules:
   - issuer: https://idp.test
     jwks: '{json.dumps({"keys": [jwk]})}'
+  - issuer: https://idp2.test
+    jwks: '{json.dumps({"keys": [jwk]})}'
+    fromParams: [jwt]
 """)
     port = free_port()
     with ProcessGroup(tmp_path / "logs") as group:
@@ -106,6 +109,12 @@ spec:
             bad.attributes.request.http.path = f"/get?access_token={token[:-4]}AAAA"
             bad.attributes.request.http.headers["x-request-id"] = "req-2"
             assert check(bad, timeout=5).denied_response.status.code == 401
+            # Regression: only a fixed list of names was redacted, so a token in a configured
+            # fromParams name (or in any other parameter) was logged verbatim.
+            in_param = request()
+            in_param.attributes.request.http.path = f"/get?jwt=not-shaped-like-a-jwt&page=2&other={token}"
+            in_param.attributes.request.http.headers["x-request-id"] = "req-3"
+            assert check(in_param, timeout=5).denied_response.status.code == 401
         server.popen.send_signal(signal.SIGTERM)
         server.popen.wait(timeout=20)
         text = server.log_path.read_text()
@@ -114,8 +123,9 @@ spec:
     assert by_id["req-1"]["decision"] == "allow" and by_id["req-1"]["request_principal"] == "https://idp.test/alice"
     assert by_id["req-1"]["policy"] == "foo/allow-sleep" and by_id["req-1"]["jwt"]["result"] == "ok"
     assert by_id["req-2"]["status"] == 401 and by_id["req-2"]["path"] == "/get?access_token=REDACTED"
+    assert by_id["req-3"]["path"] == "/get?jwt=REDACTED&page=2&other=REDACTED"
     signature = token.rsplit(".", 1)[1]
-    for part in (token, signature, token.split(".")[1]):
+    for part in (token, signature, token.split(".")[1], "not-shaped-like-a-jwt"):
         assert part not in text
 
 
