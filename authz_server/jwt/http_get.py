@@ -66,9 +66,6 @@ class HttpGetter:
             raise HttpGetError(f"GET {url}: HTTP {response.status}")
         return response
 
-    def close(self) -> None:
-        self._resolver.shutdown(wait=False, cancel_futures=True)
-
     async def _once(self, url: str) -> Response:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
