@@ -20,8 +20,11 @@ from authz_server.authorizer import Authorizer, Verdict
 from authz_server.engine.request import RequestAttributes
 from authz_server.grpc_api.check_request import MalformedCheckRequest, RequestContextSettings, to_attributes
 from authz_server.grpc_api.check_response import serialized_response, to_check_response
+from authz_server.observability.log_limit import RateLimitedLog
 
 log = logging.getLogger(__name__)
+#: one line per malformed Check until a client floods; then at most 10 per 10 s
+_log_malformed = RateLimitedLog(log)
 
 #: called once per answered Check with the verdict, the request (None if malformed) and latency
 CheckObserver = Callable[[Verdict, RequestAttributes | None, float], None]
@@ -44,7 +47,7 @@ class CheckHandler:
         try:
             attrs = to_attributes(request, self.context_settings)
         except MalformedCheckRequest as exc:
-            log.warning("malformed CheckRequest: %s", exc)
+            _log_malformed("malformed CheckRequest: %s", exc)
             attrs = None
             verdict = self.authorizer.failure("malformed_request", str(exc))
         else:
@@ -60,7 +63,7 @@ class CheckHandler:
         try:
             request = CheckRequest.FromString(data)
         except DecodeError as exc:
-            log.warning("undecodable CheckRequest: %s", exc)
+            _log_malformed("undecodable CheckRequest: %s", exc)
             verdict = self.authorizer.failure("malformed_request", "undecodable CheckRequest")
             if self.observe is not None:
                 self.observe(verdict, None, time.perf_counter() - started)
