@@ -96,7 +96,7 @@ def test_validate_reports_broken_entries_and_ignored_files(tmp_path: Path, capsy
     assert "deny.yml: named like a policy file but is a dangling symlink" in out.out
     assert "warning: " + str(tmp_path / "README.md") + ": ignored: not a policy file" in out.out
     assert "old: directory ignored" in out.out
-    assert "INVALID" in out.err
+    assert "INVALID" in out.out
 
 
 def test_validate_of_an_empty_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
