@@ -58,6 +58,13 @@ def non_negative_int(text: str) -> int:
     return int(text)
 
 
+def positive_int(text: str) -> int:
+    value = non_negative_int(text)
+    if not value:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -174,6 +181,32 @@ OPTIONS: tuple[Option, ...] = (
     Option("workers", "worker processes sharing the gRPC port (SO_REUSEPORT); 0 = one per CPU this process may "
            "use (CPU affinity and cgroup quota)", "0",
            non_negative_int, ("serve",)),
+    # Serving limits (both serving layers where they can express them; README "Operations").
+    Option("max_message_bytes", "largest request message; raise above Envoy's maxRequestBytes when "
+           "includeRequestBodyInCheck sends bodies", "262144", positive_int, ("serve",)),
+    Option("max_concurrent_streams", "concurrent streams per HTTP/2 connection", "256", positive_int, ("serve",)),
+    Option("max_header_list_bytes", "request header list per stream (HPACK size), grpcio's hard limit", "16384",
+           positive_int, ("serve",)),
+    Option("max_connections", "connections per worker process; more are refused with GOAWAY", "1024",
+           positive_int, ("serve",)),
+    Option("connection_idle_timeout", "seconds without a request before a connection is closed (0 = never)",
+           "300", non_negative_float, ("serve",)),
+    Option("min_ping_interval", "keepalive enforcement: PINGs closer than this without a request in between "
+           "are strikes; a third closes the connection (0 = no enforcement)", "300", non_negative_float,
+           ("serve",)),
+    Option("connection_buffer_bytes", "fast layer: request bytes one connection may have buffered "
+           "(its flow-control window)", "1048576", positive_int, ("serve",)),
+    Option("process_buffer_bytes", "fast layer: request bytes all connections of a worker may have buffered",
+           "67108864", positive_int, ("serve",)),
+    Option("http2_max_control_frames", "fast layer: PING/SETTINGS ACKs and RST_STREAMs queued for a peer "
+           "that does not read them", "1000", positive_int, ("serve",)),
+    Option("http2_max_resets_per_second", "fast layer: RST_STREAMs of open streams per connection and second "
+           "(rapid reset), bursts of 30 s worth", "33", positive_float, ("serve",)),
+    Option("http2_max_continuations", "fast layer: CONTINUATION frames per header block", "8", positive_int,
+           ("serve",)),
+    Option("http2_max_glitches_per_second", "fast layer: frames that do no work per connection and second "
+           "(unknown types, PRIORITY, empty DATA/CONTINUATION, ...), bursts of 30 s worth", "330",
+           positive_float, ("serve",)),
     Option("metrics_listen", "HTTP address for /metrics, /healthz, /readyz ('off' disables)", "0.0.0.0:9090",
            listen_or_off, ("serve", "health")),
     Option("decision_log", "one JSON line per Check to stdout, stderr, or off", "stdout", decision_log_target,

@@ -28,6 +28,8 @@ SETTINGS_MAX_CONCURRENT_STREAMS = 0x3
 SETTINGS_INITIAL_WINDOW_SIZE = 0x4
 SETTINGS_MAX_FRAME_SIZE = 0x5
 SETTINGS_MAX_HEADER_LIST_SIZE = 0x6
+SETTINGS_ENABLE_CONNECT_PROTOCOL = 0x8  # RFC 8441
+SETTINGS_NO_RFC7540_PRIORITIES = 0x9  # RFC 9218
 
 NO_ERROR = 0x0
 PROTOCOL_ERROR = 0x1
@@ -36,11 +38,15 @@ FLOW_CONTROL_ERROR = 0x3
 STREAM_CLOSED = 0x5
 FRAME_SIZE_ERROR = 0x6
 REFUSED_STREAM = 0x7
+CANCEL = 0x8
 COMPRESSION_ERROR = 0x9
+ENHANCE_YOUR_CALM = 0xB
 
 DEFAULT_WINDOW = 65_535
 DEFAULT_MAX_FRAME = 16_384
 MAX_WINDOW = 2**31 - 1
+MAX_FRAME_SIZE_LIMIT = 2**24 - 1
+MAX_STREAM_ID = 2**31 - 1
 
 # gRPC status codes used here
 GRPC_OK = 0
@@ -69,6 +75,30 @@ def settings_frame(settings: dict[int, int]) -> bytes:
     return frame(SETTINGS, 0, 0, b"".join(struct.pack(">HL", k, v) for k, v in settings.items()))
 
 
+class StreamError(Exception):
+    """A stream-level protocol error: answer RST_STREAM with ``code``, the connection lives on."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def parse_settings(payload: bytes) -> list[tuple[int, int]]:
+    """The (identifier, value) pairs of a SETTINGS frame, checked as RFC 9113 §6.5.2 requires."""
+    if len(payload) % 6:
+        raise ConnectionError_(FRAME_SIZE_ERROR, "SETTINGS length not a multiple of 6")
+    settings = [struct.unpack_from(">HL", payload, i) for i in range(0, len(payload), 6)]
+    for key, value in settings:
+        if key == SETTINGS_INITIAL_WINDOW_SIZE and value > MAX_WINDOW:
+            raise ConnectionError_(FLOW_CONTROL_ERROR, f"SETTINGS_INITIAL_WINDOW_SIZE {value} above 2^31-1")
+        if key == SETTINGS_MAX_FRAME_SIZE and not DEFAULT_MAX_FRAME <= value <= MAX_FRAME_SIZE_LIMIT:
+            raise ConnectionError_(PROTOCOL_ERROR, f"SETTINGS_MAX_FRAME_SIZE {value} outside 2^14..2^24-1")
+        if key in (SETTINGS_ENABLE_PUSH, SETTINGS_ENABLE_CONNECT_PROTOCOL, SETTINGS_NO_RFC7540_PRIORITIES) \
+                and value > 1:
+            raise ConnectionError_(PROTOCOL_ERROR, f"SETTINGS 0x{key:x} = {value}: only 0 or 1 allowed")
+    return settings
+
+
 def window_update(stream_id: int, increment: int) -> bytes:
     return frame(WINDOW_UPDATE, 0, stream_id, struct.pack(">L", increment))
 
@@ -79,6 +109,10 @@ def goaway(last_stream_id: int, code: int, debug: bytes = b"") -> bytes:
 
 def rst_stream(stream_id: int, code: int) -> bytes:
     return frame(RST_STREAM, 0, stream_id, struct.pack(">L", code))
+
+
+def ping(opaque: bytes, ack: bool = False) -> bytes:
+    return frame(PING, ACK if ack else 0, 0, opaque)
 
 
 def _block(headers: list[tuple[str, str]]) -> bytes:
@@ -92,9 +126,12 @@ RESPONSE_HEADERS = _block([(":status", "200"), ("content-type", "application/grp
 TRAILERS_OK = _block([("grpc-status", "0")])
 
 
-def trailers_only(code: int, message: str) -> bytes:
-    """Header block of a gRPC "trailers-only" response (an error with no message)."""
-    return _block([(":status", "200"), ("content-type", "application/grpc"), ("grpc-status", str(code)),
+def trailers_only(code: int, message: str, http_status: int = 200) -> bytes:
+    """Header block of a gRPC "trailers-only" response (an error with no message).
+
+    ``http_status`` other than 200 answers a request that is not a valid gRPC call (405, 415, ...).
+    """
+    return _block([(":status", str(http_status)), ("content-type", "application/grpc"), ("grpc-status", str(code)),
                    ("grpc-message", quote(message, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~"))])
 
 

@@ -6,7 +6,9 @@ Two serving layers speak standard gRPC on the listen address:
   grpc.health.v1.Health/Check, Diagnostics and server reflection — at a fraction of the CPU;
 * ``grpcio``: the grpcio asyncio server, adding Health/Watch.
 
-Health turns SERVING only once a policy set is loaded. SIGTERM: health goes NOT_SERVING, the
+Both layers hold the same limits (:class:`~authz_server.grpc_api.h2_limits.Http2Limits`, from
+the settings): the fast layer enforces them itself, grpcio through its channel options. Health
+turns SERVING only once a policy set is loaded. SIGTERM: health goes NOT_SERVING, the
 port stops accepting, in-flight Checks get ``grace_period`` seconds, exit 0. SIGHUP reloads
 the policies (a bad set is rejected and the last good one keeps serving).
 """
@@ -21,7 +23,7 @@ import ssl
 from typing import Any, Awaitable, Callable, Protocol
 
 import grpc
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
@@ -30,8 +32,10 @@ from authz_server.app import App
 from authz_server.grpc_api import h2_frames
 from authz_server.grpc_api.diagnostics import Diagnostics, DiagnosticsService, InvalidRequest
 from authz_server.grpc_api.fast_server import FastGrpcServer, GrpcError, unary
-from authz_server.grpc_api.servicer import AuthorizationService, CheckHandler
+from authz_server.grpc_api.h2_limits import Http2Limits
+from authz_server.grpc_api.servicer import CheckHandler
 from authz_server.grpc_api.tls import RotatingCertificates
+from authz_server.observability import metrics
 from authz_server.startup import StartupError
 
 log = logging.getLogger(__name__)
@@ -48,12 +52,51 @@ class Serving(Protocol):
     async def stop(self, grace: float) -> None: ...
 
 
+def limits_from_settings(args: Any) -> Http2Limits:
+    """The serving limits from the ``serve`` settings (defaults for any a caller leaves out)."""
+    names = {"max_message_bytes": "max_message_bytes", "max_concurrent_streams": "max_concurrent_streams",
+             "max_header_list_bytes": "max_header_list_bytes", "max_connections": "max_connections",
+             "idle_timeout": "connection_idle_timeout", "min_ping_interval": "min_ping_interval",
+             "connection_buffer_bytes": "connection_buffer_bytes", "process_buffer_bytes": "process_buffer_bytes",
+             "max_control_frames": "http2_max_control_frames", "max_resets_per_second": "http2_max_resets_per_second",
+             "max_continuations": "http2_max_continuations",
+             "max_glitches_per_second": "http2_max_glitches_per_second"}
+    return Http2Limits(**{field: getattr(args, name) for field, name in names.items() if hasattr(args, name)})
+
+
+def grpcio_options(limits: Http2Limits) -> list[tuple[str, int]]:
+    """The limits as grpc C-core channel arguments (what grpcio can express of them).
+
+    BDP probing is off so stream windows stay at ``lookahead_bytes`` (one message) instead of
+    growing to megabytes per stream; PINGs are allowed on idle connections at the same interval
+    as on busy ones (grpcio would otherwise allow one per 2 h there, too strict for Envoy's
+    ``connection_keepalive``).
+    """
+    millis = lambda seconds: int(seconds * 1000)  # noqa: E731
+    options = [
+        ("grpc.so_reuseport", 1),  # several worker processes share the port; the kernel balances
+        ("grpc.max_concurrent_streams", limits.max_concurrent_streams),
+        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        ("grpc.max_metadata_size", limits.max_header_list_bytes),
+        ("grpc.absolute_max_metadata_size", limits.max_header_list_bytes),
+        ("grpc.max_allowed_incoming_connections", limits.max_connections),
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", limits.stream_window),
+        ("grpc.http2.max_ping_strikes", limits.max_ping_strikes if limits.min_ping_interval else 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", millis(limits.min_ping_interval)),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+    if limits.idle_timeout > 0:
+        options.append(("grpc.max_connection_idle_ms", millis(limits.idle_timeout)))
+    return options
+
+
 class GrpcioServing:
-    def __init__(self, app: App, handler: CheckHandler, listen: str, tls: RotatingCertificates | None) -> None:
-        # SO_REUSEPORT lets several worker processes share the port; the kernel balances connections.
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+    def __init__(self, app: App, handler: CheckHandler, listen: str, tls: RotatingCertificates | None,
+                 limits: Http2Limits) -> None:
+        self.server = grpc.aio.server(options=grpcio_options(limits))
         self.health = health.aio.HealthServicer()
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(handler), self.server)
+        self.server.add_generic_rpc_handlers((_raw_check(handler),))
         diagnostics_pb2_grpc.add_DiagnosticsServicer_to_server(
             DiagnosticsService(Diagnostics(app.store, app.authorizer, app.context)), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -77,8 +120,20 @@ class GrpcioServing:
         await self.server.stop(grace)
 
 
+def _raw_check(handler: CheckHandler) -> grpc.GenericRpcHandler:
+    """Check on grpcio with bytes in and out, as the fast layer: grpcio never parses the request,
+    so an undecodable CheckRequest reaches the handler and is denied (fail closed), never a gRPC
+    error (which Envoy's ``failure_mode_allow`` would turn into an allow)."""
+    async def check(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return await handler.check_bytes(request)
+    return grpc.method_handlers_generic_handler(AUTHORIZATION_SERVICE, {
+        "Check": grpc.unary_unary_rpc_method_handler(check),
+    })
+
+
 class FastServing:
-    def __init__(self, app: App, handler: CheckHandler, listen: str, tls: RotatingCertificates | None) -> None:
+    def __init__(self, app: App, handler: CheckHandler, listen: str, tls: RotatingCertificates | None,
+                 limits: Http2Limits) -> None:
         self.listen = listen
         self.tls = tls
         self.serving = False
@@ -94,7 +149,7 @@ class FastServing:
         }, self.ssl_context, streaming={
             f"/{reflection.SERVICE_NAME}/ServerReflectionInfo": _reflection(
                 (AUTHORIZATION_SERVICE, DIAGNOSTICS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)),
-        })
+        }, limits=limits, on_limit=lambda limit: metrics.HTTP2_LIMITS.labels(limit).inc())
         self._tls_task: asyncio.Task[None] | None = None
 
     async def _health(self, request: health_pb2.HealthCheckRequest) -> health_pb2.HealthCheckResponse:
@@ -152,7 +207,7 @@ class AuthzGrpcServer:
         self.grace_period = grace_period
         handler = CheckHandler(app.authorizer, app.context, app.observe)
         layer = FastServing if serving == "fast" else GrpcioServing
-        self.serving: Serving = layer(app, handler, listen, tls)
+        self.serving: Serving = layer(app, handler, listen, tls, limits_from_settings(app.args))
         self.serving_name = serving
         self._stopping = asyncio.Event()
 

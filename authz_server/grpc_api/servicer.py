@@ -2,7 +2,7 @@
 
 :class:`CheckHandler` is the method itself, shared by both serving layers: the fast HTTP/2
 server calls :meth:`CheckHandler.check_bytes` (bytes in, cached bytes out) and the grpcio
-servicer :meth:`CheckHandler.verdict`.
+layer through a generic bytes handler — the same method.
 """
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ import logging
 import time
 from typing import Callable
 
-import grpc
-from envoy.service.auth.v3 import external_auth_pb2_grpc
-from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
+from envoy.service.auth.v3.external_auth_pb2 import CheckRequest
 from google.protobuf.message import DecodeError
 
 from authz_server.authorizer import Authorizer, Verdict
@@ -69,16 +67,6 @@ class CheckHandler:
                 self.observe(verdict, None, time.perf_counter() - started)
             return serialized_response(verdict)
         return serialized_response(await self.verdict(request, started))
-
-
-class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
-    """The grpcio form of the method."""
-
-    def __init__(self, handler: CheckHandler) -> None:
-        self.handler = handler
-
-    async def Check(self, request: CheckRequest, context: grpc.aio.ServicerContext) -> CheckResponse:  # noqa: N802
-        return to_check_response(await self.handler.verdict(request))
 
 
 def _log_dry_run(verdict: Verdict, method: str, path: str) -> None:

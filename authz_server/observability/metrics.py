@@ -38,6 +38,8 @@ LAST_RELOAD_OK = Gauge("authz_policy_last_reload_success",
 POLICIES = Gauge("authz_policies_loaded", "Policies in the serving set, by kind", ["kind"],
                  multiprocess_mode="max")
 DRY_RUN = Counter("authz_dry_run_total", "Dry-run engine results", ["action", "result", "policy"])
+HTTP2_LIMITS = Counter("authz_http2_limit_exceeded_total",
+                       "HTTP/2 connections closed or refused by a serving limit (fast layer), by limit", ["limit"])
 WORKER_READY = Gauge("authz_worker_ready", "1 when every live worker has policies (and JWKS) loaded",
                      multiprocess_mode="livemin")
 

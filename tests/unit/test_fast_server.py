@@ -81,6 +81,9 @@ def raw_exchange(port: int, data: bytes) -> bytes:
         return b"".join(chunks)
 
 
+START = h2.PREFACE + h2.settings_frame({})  # a client's connection preface
+
+
 def frame_types(data: bytes) -> list[tuple[int, int]]:
     """(type, first 4 payload bytes as int) of every frame in a server's output."""
     out = []
@@ -96,11 +99,12 @@ def frame_types(data: bytes) -> list[tuple[int, int]]:
     ("data", "goaway_code"),
     [
         (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", h2.PROTOCOL_ERROR),  # not HTTP/2
-        (h2.PREFACE + h2.frame(h2.HEADERS, h2.END_HEADERS, 1, b"\xff\xff\xff\xff"), h2.COMPRESSION_ERROR),
-        (h2.PREFACE + b"\x01\x00\x00" + bytes([h2.DATA, 0]) + b"\x00\x00\x00\x01", h2.FRAME_SIZE_ERROR),
-        (h2.PREFACE + h2.frame(h2.HEADERS, h2.END_HEADERS, 2, b""), h2.PROTOCOL_ERROR),  # even stream id
-        (h2.PREFACE + h2.frame(h2.CONTINUATION, h2.END_HEADERS, 1, b""), h2.PROTOCOL_ERROR),
+        (START + h2.frame(h2.HEADERS, h2.END_HEADERS, 1, b"\xff\xff\xff\xff"), h2.COMPRESSION_ERROR),
+        (START + b"\x01\x00\x00" + bytes([h2.DATA, 0]) + b"\x00\x00\x00\x01", h2.FRAME_SIZE_ERROR),
+        (START + h2.frame(h2.HEADERS, h2.END_HEADERS, 2, b""), h2.PROTOCOL_ERROR),  # even stream id
+        (START + h2.frame(h2.CONTINUATION, h2.END_HEADERS, 1, b""), h2.PROTOCOL_ERROR),
         (h2.PREFACE + h2.frame(h2.SETTINGS, 0, 0, b"\x00\x04\x80\x00\x00\x00"), h2.FLOW_CONTROL_ERROR),
+        (h2.PREFACE + h2.frame(h2.PING, 0, 0, b"12345678"), h2.PROTOCOL_ERROR),  # SETTINGS must come first
     ],
 )
 def test_protocol_errors_end_the_connection_with_goaway(data: bytes, goaway_code: int) -> None:
@@ -118,7 +122,7 @@ def test_ping_is_answered_and_bad_grpc_framing_is_an_error_not_a_crash() -> None
         from hpack import Encoder
 
         block = Encoder().encode([(":method", "POST"), (":scheme", "http"), (":path", ECHO),
-                                  (":authority", "x"), ("content-type", "application/grpc")])
+                                  (":authority", "x"), ("content-type", "application/grpc"), ("te", "trailers")])
         data = (h2.PREFACE + h2.settings_frame({}) + h2.frame(h2.PING, 0, 0, b"12345678")
                 + h2.frame(h2.HEADERS, h2.END_HEADERS, 1, block)
                 + h2.frame(h2.DATA, h2.END_STREAM, 1, b"\x01\x00\x00\x00\x01z"))  # "compressed"
