@@ -54,8 +54,12 @@ UnaryHandler = Callable[[bytes], Coroutine[Any, Any, bytes]]
 #: message, synchronously (server reflection is the one such method served here)
 MessageHandler = Callable[[bytes], bytes]
 
-#: frames of one connection handled per event-loop turn before the others get the loop
+#: work units of one connection handled per event-loop turn before the others get the loop:
+#: a frame is one unit, a request handed to its handler DISPATCH_COST more, a header block
+#: decoded (not cached) one per HEADER_BYTES_PER_UNIT bytes — what makes a turn long
 FRAMES_PER_TURN = 256
+DISPATCH_COST = 4
+HEADER_BYTES_PER_UNIT = 64
 #: write buffer marks: above HIGH the connection is not read until it drains below LOW
 WRITE_HIGH_WATER = 128 << 10
 WRITE_LOW_WATER = 32 << 10
@@ -69,6 +73,8 @@ MAX_SETTINGS_ENTRIES = 32
 #: drain: the PING that follows GOAWAY(2^31-1); without its ACK the final GOAWAY goes after this
 DRAIN_PING = b"drain\x00\x00\x00"
 DRAIN_PING_TIMEOUT = 1.0
+#: a closed connection whose peer does not read its last frames is aborted after this long
+CLOSE_LINGER = 2.0
 
 
 class GrpcError(Exception):
@@ -189,6 +195,8 @@ class _Connection(asyncio.Protocol):
         self.activity_seen = 0
         self.idle_for = 0.0
         self.backlog = False
+        #: work done this turn beyond one unit per frame (see FRAMES_PER_TURN)
+        self.turn_cost = 0
         self.write_paused = False
         self.reading = True
         #: 0 serving, 1 GOAWAY(2^31-1) + PING sent, 2 final GOAWAY sent
@@ -303,8 +311,9 @@ class _Connection(asyncio.Protocol):
         offset = 0
         size = len(buffer)
         budget = FRAMES_PER_TURN
+        self.turn_cost = 0
         while size - offset >= 9:
-            if not budget:
+            if budget <= self.turn_cost:
                 self._defer()
                 break
             high, low, kind, flags, stream_id = h2.FRAME_HEADER.unpack_from(buffer, offset)
@@ -484,6 +493,7 @@ class _Connection(asyncio.Protocol):
                 from None
         except (HPACKError, ValueError) as exc:
             raise h2.ConnectionError_(h2.COMPRESSION_ERROR, f"bad header block: {exc}") from None
+        self.turn_cost += len(block) // HEADER_BYTES_PER_UNIT
         entry = _Block(headers)
         if self.stateless_headers and len(block) <= HEADER_CACHE_MAX_BLOCK \
                 and not self.decoder.header_table.dynamic_entries:
@@ -669,6 +679,7 @@ class _Connection(asyncio.Protocol):
             self._respond_error(stream_id, h2.GRPC_INTERNAL, str(exc))
             return
         self._release(stream)  # handed to the handler: the peer may send more
+        self.turn_cost += DISPATCH_COST
         coroutine = stream.handler(message)  # type: ignore[misc]
         try:
             done, value = _drive(coroutine)
@@ -842,9 +853,17 @@ class _Connection(asyncio.Protocol):
             self.server.report_protocol_error(self.peer, str(exc))
         self.out.append(h2.goaway(self.last_stream, exc.code, str(exc).encode()[:200]))
         self._flush()
+        self._close()
+
+    def _close(self) -> None:
+        """Close after the queued frames are written; a peer that does not read them is cut off."""
         self.closed = True
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.close()
+        if transport.get_write_buffer_size():
+            self.loop.call_later(CLOSE_LINGER, transport.abort)
 
     # --- connection lifetime --------------------------------------------------------------------
     def begin_drain(self) -> None:
@@ -871,9 +890,8 @@ class _Connection(asyncio.Protocol):
         self._close_if_drained()
 
     def _close_if_drained(self) -> None:
-        if not self.busy and self.transport is not None and not self.closed:
-            self.closed = True
-            self.transport.close()
+        if not self.busy and not self.closed:
+            self._close()
 
     def check_idle(self, elapsed: float) -> None:
         """Called every ``elapsed`` seconds: close after ``idle_timeout`` without request frames."""
@@ -882,14 +900,10 @@ class _Connection(asyncio.Protocol):
             self.idle_for = 0.0
             return
         self.idle_for += elapsed
-        if self.idle_for >= self.limits.idle_timeout and self.transport is not None:
+        if self.idle_for >= self.limits.idle_timeout:
             self.out.append(h2.goaway(self.last_stream, h2.NO_ERROR, b"idle"))
             self._flush()
-            self.closed = True
-            if self.transport.get_write_buffer_size():
-                self.transport.abort()  # the peer reads nothing: do not keep its output
-            else:
-                self.transport.close()
+            self._close()
 
     @property
     def busy(self) -> bool:
