@@ -66,6 +66,8 @@ class Received:
     settings: list[dict[int, int]] = field(default_factory=list)
     pings: list[tuple[int, bytes]] = field(default_factory=list)  # (flags, opaque)
     window_updates: list[tuple[int, int]] = field(default_factory=list)  # (stream, increment)
+    #: every frame in order: (type, flags, stream id)
+    frames: list[tuple[int, int, int]] = field(default_factory=list)
     bytes: int = 0
     closed: bool = False
 
@@ -88,6 +90,48 @@ class Received:
         return None
 
 
+class FrameReader:
+    """Parse a server's bytes, as they come, into :class:`Received`."""
+
+    def __init__(self) -> None:
+        self.received = Received()
+        self.decoder = Decoder()
+        self._pending = bytearray()
+
+    def feed(self, chunk: bytes) -> Received:
+        received = self.received
+        received.bytes += len(chunk)
+        buffer = self._pending
+        buffer += chunk
+        offset = 0
+        while len(buffer) - offset >= 9:
+            length = int.from_bytes(buffer[offset: offset + 3], "big")
+            if len(buffer) - offset - 9 < length:
+                break
+            kind, flags = buffer[offset + 3], buffer[offset + 4]
+            stream_id = int.from_bytes(buffer[offset + 5: offset + 9], "big") & 0x7FFFFFFF
+            payload = bytes(buffer[offset + 9: offset + 9 + length])
+            offset += 9 + length
+            received.frames.append((kind, flags, stream_id))
+            if kind == GOAWAY:
+                received.goaway.append(struct.unpack(">II", payload[:8]))
+            elif kind == RST_STREAM:
+                received.resets[stream_id] = struct.unpack(">I", payload)[0]
+            elif kind == HEADERS:
+                received.headers.setdefault(stream_id, []).append(self.decoder.decode(payload))
+            elif kind == DATA:
+                received.data[stream_id] = received.data.get(stream_id, b"") + payload
+            elif kind == SETTINGS and not flags & ACK:
+                received.settings.append(dict(struct.unpack_from(">HI", payload, i)
+                                              for i in range(0, len(payload), 6)))
+            elif kind == PING:
+                received.pings.append((flags, payload))
+            elif kind == WINDOW_UPDATE:
+                received.window_updates.append((stream_id, struct.unpack(">I", payload)[0]))
+        del buffer[:offset]
+        return received
+
+
 class Peer:
     """A raw HTTP/2 client connection: send any bytes, parse what comes back."""
 
@@ -96,9 +140,8 @@ class Peer:
         self.sock.settimeout(SEND_TIMEOUT_S)
         self.encoder = Encoder()
         self.encoder.header_table_size = 0  # never index: blocks stay stateless, in any order
-        self.decoder = Decoder()
-        self.received = Received()
-        self._pending = bytearray()
+        self.reader = FrameReader()
+        self.received = self.reader.received
         self._lock = threading.Lock()
         self.next_stream = 1
         self.send_all(PREFACE + settings() if preface is None else preface)
@@ -140,7 +183,7 @@ class Peer:
             self.received.closed = True
             return False
         with self._lock:
-            self._parse(chunk)
+            self.reader.feed(chunk)
         return True
 
     def wait(self, predicate: Callable[[Received], bool], timeout: float = 10.0) -> Received:
@@ -160,37 +203,6 @@ class Peer:
     def read_until_closed(self, timeout: float = 10.0) -> Received:
         return self.read_until(lambda r: r.closed, timeout)
 
-    def _parse(self, chunk: bytes) -> None:
-        received = self.received
-        received.bytes += len(chunk)
-        buffer = self._pending
-        buffer += chunk
-        offset = 0
-        while len(buffer) - offset >= 9:
-            length = int.from_bytes(buffer[offset: offset + 3], "big")
-            if len(buffer) - offset - 9 < length:
-                break
-            kind, flags = buffer[offset + 3], buffer[offset + 4]
-            stream_id = int.from_bytes(buffer[offset + 5: offset + 9], "big") & 0x7FFFFFFF
-            payload = bytes(buffer[offset + 9: offset + 9 + length])
-            offset += 9 + length
-            if kind == GOAWAY:
-                received.goaway.append(struct.unpack(">II", payload[:8]))
-            elif kind == RST_STREAM:
-                received.resets[stream_id] = struct.unpack(">I", payload)[0]
-            elif kind == HEADERS:
-                received.headers.setdefault(stream_id, []).append(self.decoder.decode(payload))
-            elif kind == DATA:
-                received.data[stream_id] = received.data.get(stream_id, b"") + payload
-            elif kind == SETTINGS and not flags & ACK:
-                received.settings.append(dict(struct.unpack_from(">HI", payload, i)
-                                              for i in range(0, len(payload), 6)))
-            elif kind == PING:
-                received.pings.append((flags, payload))
-            elif kind == WINDOW_UPDATE:
-                received.window_updates.append((stream_id, struct.unpack(">I", payload)[0]))
-        del buffer[:offset]
-
     def start_reader(self) -> threading.Thread:
         """Read in the background until the connection closes (for attacks that do read)."""
         thread = threading.Thread(target=lambda: [None for _ in iter(lambda: self.read(0.2), False)], daemon=True)
@@ -209,7 +221,8 @@ class Attack:
     """One attack: what it does, whether it reads, and the fast layer's limit that must stop it."""
 
     name: str
-    run: Callable[[Peer, threading.Event], None]
+    #: (connection, stop, a valid request message for the attacks that send calls)
+    run: Callable[[Peer, threading.Event, bytes], None]
     reads: bool
     #: the fast layer answers GOAWAY(ENHANCE_YOUR_CALM) with this limit; None = no limit applies,
     #: the server just stays fair and bounded (back-pressure, flow control)
@@ -222,15 +235,15 @@ def _flood(peer: Peer, stop: threading.Event, batch: bytes) -> None:
         pass
 
 
-def ping_flood(peer: Peer, stop: threading.Event) -> None:
+def ping_flood(peer: Peer, stop: threading.Event, message: bytes = b"") -> None:
     _flood(peer, stop, frame(PING, 0, 0, b"flooding") * 500)
 
 
-def settings_flood(peer: Peer, stop: threading.Event) -> None:
+def settings_flood(peer: Peer, stop: threading.Event, message: bytes = b"") -> None:
     _flood(peer, stop, settings(initial_window_size=65535) * 500)
 
 
-def continuation_flood(peer: Peer, stop: threading.Event) -> None:
+def continuation_flood(peer: Peer, stop: threading.Event, message: bytes = b"") -> None:
     stream_id = peer.stream()
     if peer.send_all(frame(HEADERS, 0, stream_id, peer.block(request_headers()))):
         _flood(peer, stop, frame(CONTINUATION, 0, stream_id) * 500)
@@ -257,7 +270,7 @@ def unread_answers(peer: Peer, stop: threading.Event, message: bytes = b"") -> N
             return
 
 
-def rapid_reset(peer: Peer, stop: threading.Event) -> None:
+def rapid_reset(peer: Peer, stop: threading.Event, message: bytes = b"") -> None:
     while not stop.is_set():
         batch = bytearray()
         for _ in range(100):
@@ -268,28 +281,28 @@ def rapid_reset(peer: Peer, stop: threading.Event) -> None:
             return
 
 
-def unknown_frames(peer: Peer, stop: threading.Event) -> None:
+def unknown_frames(peer: Peer, stop: threading.Event, message: bytes = b"") -> None:
     _flood(peer, stop, frame(0xFA, 0, 0, b"ignored") * 500)
 
 
-def priority_flood(peer: Peer, stop: threading.Event) -> None:
+def priority_flood(peer: Peer, stop: threading.Event, message: bytes = b"") -> None:
     _flood(peer, stop, b"".join(frame(PRIORITY, 0, 2 * n + 101, struct.pack(">IB", 0, 16)) for n in range(500)))
 
 
-def empty_data(peer: Peer, stop: threading.Event) -> None:
+def empty_data(peer: Peer, stop: threading.Event, message: bytes = b"") -> None:
     stream_id = peer.stream()
     if peer.send_all(frame(HEADERS, END_HEADERS, stream_id, peer.block(request_headers()))):
         _flood(peer, stop, frame(DATA, 0, stream_id) * 500)
 
 
-def big_header_blocks(peer: Peer, stop: threading.Event) -> None:
+def big_header_blocks(peer: Peer, stop: threading.Event, message: bytes = b"") -> None:
     """Distinct 60 KB header blocks (HEADERS + CONTINUATIONs), as for a header-cache blow-up."""
     n = 0
     while not stop.is_set():
         n += 1
         stream_id = peer.stream()
         block = peer.block(request_headers(CHECK_PATH, ("x-pad", f"{n:08d}" + "p" * 60_000)))
-        if not peer.send_all(header_frames(stream_id, block) + frame(DATA, END_STREAM, stream_id, grpc_message(b""))):
+        if not peer.send_all(header_frames(stream_id, block) + frame(DATA, END_STREAM, stream_id, grpc_message(message))):
             return
 
 
@@ -305,10 +318,11 @@ def distinct_header_blocks(peer: Peer, stop: threading.Event, message: bytes = b
             return
 
 
-def body_parking(port: int, stop: threading.Event, streams: int = 200, per_stream: int = 4 << 20,
+def body_parking(port: int, stop: threading.Event, streams: int = 200, per_stream: int = 200 << 10,
                  host: str = "127.0.0.1") -> Received:
     """The ``h2`` package as a client that honours flow control: ``streams`` calls each sending up to
-    ``per_stream`` bytes of body and never ending, to make the server buffer them."""
+    ``per_stream`` bytes of body (a message under the size limit) and never ending, to make the
+    server buffer them; streams the server ends are replaced."""
     received = Received()
     config = h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
     conn = h2.connection.H2Connection(config)
@@ -379,12 +393,16 @@ ATTACKS: tuple[Attack, ...] = (
 
 
 class Running:
-    """Run one attack on its own connection in a thread: ``with Running(attack, port) as run:``."""
+    """Run one attack on its own connection in a thread: ``with Running(attack, port) as run:``.
 
-    def __init__(self, attack: Attack | str, port: int, host: str = "127.0.0.1") -> None:
+    ``attack`` is one of :data:`ATTACKS` or ``"body_parking"``; ``message`` is the request the
+    attacks that send calls use (a valid CheckRequest keeps the server's deny log quiet).
+    """
+
+    def __init__(self, attack: Attack | str, port: int, message: bytes = b"", host: str = "127.0.0.1") -> None:
         self.attack = attack if isinstance(attack, Attack) else None
         self.name = attack.name if isinstance(attack, Attack) else attack
-        self.port, self.host = port, host
+        self.port, self.host, self.message = port, host, message
         self.stop = threading.Event()
         self.received = Received()
         self.error: BaseException | None = None
@@ -400,7 +418,7 @@ class Running:
             self.received = peer.received
             reader = peer.start_reader() if self.attack.reads else None
             try:
-                self.attack.run(peer, self.stop)
+                self.attack.run(peer, self.stop, self.message)
                 if reader is None:  # read what the server said, GOAWAY included, once the flood ends
                     peer.read_until_closed(timeout=3.0)
                 else:

@@ -67,10 +67,13 @@ def limits_from_settings(args: Any) -> Http2Limits:
 def grpcio_options(limits: Http2Limits) -> list[tuple[str, int]]:
     """The limits as grpc C-core channel arguments (what grpcio can express of them).
 
-    BDP probing is off so stream windows stay at ``lookahead_bytes`` (one message) instead of
-    growing to megabytes per stream; PINGs are allowed on idle connections at the same interval
-    as on busy ones (grpcio would otherwise allow one per 2 h there, too strict for Envoy's
-    ``connection_keepalive``).
+    BDP probing is off so windows are not grown to megabytes per stream (C-core still grants a
+    stream the rest of the message it announced, so a connection can buffer up to
+    ``max_concurrent_streams`` × ``max_message_bytes``); reads are taken in chunks of at most
+    64 KiB (C-core's default grows them to megabytes under a flood). PINGs are allowed on idle
+    connections at the same interval as on busy ones (grpcio would otherwise allow one per 2 h
+    there, too strict for Envoy's ``connection_keepalive``). grpcio has no equivalent of the
+    fast layer's per-process buffer cap or its limits on frames that do no work.
     """
     millis = lambda seconds: int(seconds * 1000)  # noqa: E731
     options = [
@@ -81,7 +84,7 @@ def grpcio_options(limits: Http2Limits) -> list[tuple[str, int]]:
         ("grpc.absolute_max_metadata_size", limits.max_header_list_bytes),
         ("grpc.max_allowed_incoming_connections", limits.max_connections),
         ("grpc.http2.bdp_probe", 0),
-        ("grpc.http2.lookahead_bytes", limits.stream_window),
+        ("grpc.experimental.tcp_max_read_chunk_size", 64 << 10),
         ("grpc.http2.max_ping_strikes", limits.max_ping_strikes if limits.min_ping_interval else 0),
         ("grpc.http2.min_ping_interval_without_data_ms", millis(limits.min_ping_interval)),
         ("grpc.keepalive_permit_without_calls", 1),
