@@ -26,7 +26,7 @@ from authz_server.demo.processes import ProcessGroup, exit_on_sigterm
 
 from . import measure, report, tokens
 from .target import Target, start_target
-from .variants import standard_variants
+from .variants import Variant, standard_variants
 
 RESULTS = Path(__file__).with_name("results")
 
@@ -102,11 +102,17 @@ def run_trial(
     }
 
 
-def run(settings: Settings, out: Path) -> dict:
-    """Start every variant, interleave the trials, return the results (also written to *out*)."""
+def run(settings: Settings, out: Path, only: Sequence[str] = (), baseline: str = "") -> dict:
+    """Start every variant (or those in *only*), interleave the trials, return the results (also
+    written to *out*). *baseline*: also run ``server-w1`` from that source tree, as ``baseline-w1``."""
     out.mkdir(parents=True, exist_ok=True)
     workers = settings.workers
     variants = standard_variants(workers)
+    if baseline:
+        variants.append(Variant("baseline-w1", "server", 1, label=f"Envoy + authz-server from {baseline}, 1 worker",
+                                source=baseline))
+    if only:
+        variants = [v for v in variants if v.name in only]
     key = tokens.SigningKey.generate()
     policies = tokens.write_policies(key, out / "policies.yaml")
     token = key.mint("bench-repeated")
@@ -143,6 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, help="seconds per trial [3]")
     parser.add_argument("--workers", type=int, help="authz-server workers for the N-worker variant [2]")
     parser.add_argument("--pool-size", type=int, help="distinct tokens per pool [5000]")
+    parser.add_argument("--variants", default="", help="comma-separated variants to run [all]")
+    parser.add_argument("--baseline", default="", help="also run server-w1 from this source tree "
+                        "(e.g. a checkout of main) as variant baseline-w1, side by side")
     args = parser.parse_args(argv)
     base = SMOKE if args.smoke else FULL
     overrides = {
@@ -155,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.out or RESULTS / (f"smoke-{stamp}" if args.smoke else stamp)
     exit_on_sigterm()
-    results = run(settings, out)
+    only = [name for name in args.variants.split(",") if name] + (["baseline-w1"] if args.baseline else [])
+    results = run(settings, out, only if args.variants else (), args.baseline)
     print(report.markdown(results))
     print(f"results: {out}", file=sys.stderr)
     return 0

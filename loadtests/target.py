@@ -63,7 +63,8 @@ def start_target(
     if variant.backend == "server":
         authz_port = free_port()
         backend_pid = group.start_authz_server(
-            policies, authz_port, server_args(variant.workers, variant.serving), name=f"{variant.name}-server"
+            policies, authz_port, server_args(variant.workers, variant.serving), name=f"{variant.name}-server",
+            env={"PYTHONPATH": variant.source} if variant.source else None,
         ).pid
     elif variant.backend == "noop":
         authz_port = free_port()

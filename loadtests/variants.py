@@ -40,6 +40,8 @@ class Variant:
     workers: int = 1
     label: str = ""
     serving: str = "fast"  # the server's serving layer (--serving)
+    #: run the server from this source tree instead (PYTHONPATH): a baseline checkout to compare
+    source: str = ""
 
     @property
     def checks_externally(self) -> bool:

@@ -209,6 +209,7 @@ class ProcessGroup:
         name: str = "authz-server",
         timeout_s: float = 30.0,
         ready: Callable[[], bool] | None = None,
+        env: dict[str, str] | None = None,
     ) -> ManagedProcess:
         """Run ``authz-server serve`` on 127.0.0.1:*port*; ready when its health says SERVING.
 
@@ -221,7 +222,7 @@ class ProcessGroup:
             "--listen", f"127.0.0.1:{port}", "--workers", "1", "--metrics-listen", "off", *extra_args,
         ]
         address = f"127.0.0.1:{port}"
-        return self.start(name, argv, ready=ready or (lambda: grpc_serving(address)), timeout_s=timeout_s)
+        return self.start(name, argv, ready=ready or (lambda: grpc_serving(address)), timeout_s=timeout_s, env=env)
 
     def start_upstream(self, name: str, port: int, *, timeout_s: float = 10.0) -> ManagedProcess:
         """Run the echo app (:mod:`authz_server.demo.upstream`) as a child process."""
