@@ -75,19 +75,16 @@ class Received:
     def goaway_code(self) -> int | None:
         return self.goaway[-1][1] if self.goaway else None
 
+    def header(self, stream_id: int, field: str) -> str | None:
+        """The first value of ``field`` in the header blocks the stream got (trailers included)."""
+        return next((value for block in self.headers.get(stream_id, []) for name, value in block if name == field),
+                    None)
+
     def grpc_status(self, stream_id: int) -> str | None:
-        for block in self.headers.get(stream_id, []):
-            for name, value in block:
-                if name == "grpc-status":
-                    return value
-        return None
+        return self.header(stream_id, "grpc-status")
 
     def http_status(self, stream_id: int) -> str | None:
-        for block in self.headers.get(stream_id, []):
-            for name, value in block:
-                if name == ":status":
-                    return value
-        return None
+        return self.header(stream_id, ":status")
 
 
 class FrameReader:
@@ -257,10 +254,16 @@ def header_frames(stream_id: int, block: bytes, flags: int = 0, max_frame: int =
                           stream_id, chunk) for i, chunk in enumerate(chunks))
 
 
-def check_request(peer: Peer, stream_id: int, message: bytes, *extra: tuple[str, str]) -> bytes:
-    """HEADERS + DATA(END_STREAM) of one Check call."""
-    return (frame(HEADERS, END_HEADERS, stream_id, peer.block(request_headers(CHECK_PATH, *extra)))
-            + frame(DATA, END_STREAM, stream_id, grpc_message(message)))
+def check_request(peer: Peer, stream_id: int, message: bytes, *extra: tuple[str, str], end: bool = True) -> bytes:
+    """HEADERS + DATA(END_STREAM) of one Check call; only its HEADERS when not ``end``."""
+    headers = frame(HEADERS, END_HEADERS, stream_id, peer.block(request_headers(CHECK_PATH, *extra)))
+    return headers + (frame(DATA, END_STREAM, stream_id, grpc_message(message)) if end else b"")
+
+
+def answered(peer: Peer, stream_id: int, message: bytes) -> bool:
+    """Send one Check on ``stream_id`` and wait for its answer: True when it is grpc-status 0."""
+    peer.send_all(check_request(peer, stream_id, message))
+    return peer.read_until(lambda r: r.grpc_status(stream_id) is not None).grpc_status(stream_id) == "0"
 
 
 def unread_answers(peer: Peer, stop: threading.Event, message: bytes = b"") -> None:

@@ -73,7 +73,7 @@ MAX_SETTINGS_ENTRIES = 32
 #: drain: the PING that follows GOAWAY(2^31-1); without its ACK the final GOAWAY goes after this
 DRAIN_PING = b"drain\x00\x00\x00"
 DRAIN_PING_TIMEOUT = 1.0
-#: a closed connection whose peer does not read its last frames is aborted after this long
+#: a closed connection whose peer neither reads its last frames nor closes is aborted after this long
 CLOSE_LINGER = 2.0
 
 
@@ -856,14 +856,22 @@ class _Connection(asyncio.Protocol):
         self._close()
 
     def _close(self) -> None:
-        """Close after the queued frames are written; a peer that does not read them is cut off."""
+        """Close once the queued frames (a GOAWAY last) are out. The peer's side stays open to be
+        read and dropped until it closes too: closing with its frames unread would make the kernel
+        send a reset that destroys the GOAWAY before the peer reads it. A peer that reads nothing
+        or never closes is cut off after CLOSE_LINGER."""
         self.closed = True
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        transport.close()
-        if transport.get_write_buffer_size():
-            self.loop.call_later(CLOSE_LINGER, transport.abort)
+        if transport.can_write_eof():
+            transport.write_eof()
+            if not self.reading:
+                self.reading = True
+                transport.resume_reading()
+        else:
+            transport.close()
+        self.loop.call_later(CLOSE_LINGER, transport.abort)
 
     # --- connection lifetime --------------------------------------------------------------------
     def begin_drain(self) -> None:

@@ -61,6 +61,12 @@ class Served:
 StartServer = Callable[..., Served]
 
 
+def loaded(log: Path) -> Callable[[], bool]:
+    """Ready once the log says the policies are loaded: unlike a health probe, this opens no
+    connection of its own that could still count against a connection limit under test."""
+    return lambda: log.exists() and "policy set generation" in log.read_text()
+
+
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator[StartServer]:
     """Start a server on ``layer`` with extra flags (the limits under test); stopped at the end."""
@@ -68,10 +74,11 @@ def start_server(tmp_path: Path) -> Iterator[StartServer]:
     with ProcessGroup(tmp_path / "logs") as group:
         def start(layer: str, *flags: str) -> Served:  # later flags win: the limits under test
             port, metrics_port = free_port(), free_port()
+            name = f"authz-{layer}-{port}"
             process = group.start_authz_server(
                 tmp_path / "policies.yaml", port,
                 ["--serving", layer, "--decision-log", "off", "--metrics-listen", f"127.0.0.1:{metrics_port}",
-                 *flags], name=f"authz-{layer}-{port}")
+                 *flags], name=name, ready=loaded(group.workdir / f"{name}.log"))
             return Served(layer, port, process, metrics_port)
         yield start
 

@@ -12,13 +12,11 @@ from tests.http2.conftest import CHECK, LAYERS, StartServer
 
 
 def request(peer: a.Peer, stream_id: int) -> bytes:
-    return (a.frame(a.HEADERS, a.END_HEADERS, stream_id, peer.block(a.request_headers()))
-            + a.frame(a.DATA, a.END_STREAM, stream_id, a.grpc_message(CHECK)))
+    return a.check_request(peer, stream_id, CHECK)
 
 
 def answered(peer: a.Peer, stream_id: int) -> bool:
-    peer.send_all(request(peer, stream_id))
-    return peer.read_until(lambda r: r.grpc_status(stream_id) is not None).grpc_status(stream_id) == "0"
+    return a.answered(peer, stream_id, CHECK)
 
 
 @pytest.mark.parametrize("layer", LAYERS)

@@ -63,6 +63,9 @@ class ScriptedTransport(asyncio.Transport):
     def resume_reading(self) -> None:
         self.reading = True
 
+    def can_write_eof(self) -> bool:
+        return False
+
     def is_closing(self) -> bool:
         return self.closing
 

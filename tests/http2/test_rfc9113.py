@@ -22,9 +22,7 @@ MAX_WINDOW = 2**31 - 1
 
 
 def request(peer: a.Peer, stream_id: int, end_stream: bool = True) -> bytes:
-    """A Check call's HEADERS, and its DATA when ``end_stream``."""
-    headers = a.frame(a.HEADERS, a.END_HEADERS, stream_id, peer.block(a.request_headers()))
-    return headers + (a.frame(a.DATA, a.END_STREAM, stream_id, a.grpc_message(CHECK)) if end_stream else b"")
+    return a.check_request(peer, stream_id, CHECK, end=end_stream)
 
 
 def window_update(stream_id: int, increment: int) -> bytes:
@@ -161,8 +159,7 @@ def test_stream_errors_get_rst_stream_and_the_connection_lives_on(fast: Served, 
         assert not received.goaway
         if preface is ZERO_WINDOW:
             peer.send_all(window_update(0, 1 << 20) + a.settings(initial_window_size=65535))
-        peer.send_all(request(peer, 11))
-        assert peer.read_until(lambda r: r.grpc_status(11) is not None).grpc_status(11) == "0"
+        assert a.answered(peer, 11, CHECK)
     finally:
         peer.close()
 
@@ -196,7 +193,6 @@ def test_streams_over_the_concurrency_limit_are_refused(start_server: StartServe
 def assert_still_serving(served: Served) -> None:
     peer = a.Peer(served.port)
     try:
-        peer.send_all(request(peer, 1))
-        assert peer.read_until(lambda r: r.grpc_status(1) is not None).grpc_status(1) == "0"
+        assert a.answered(peer, 1, CHECK)
     finally:
         peer.close()
