@@ -22,6 +22,7 @@ Loopback only, bounded in time. Run it alone: ``flock /work/cpu.lock python -m l
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import re
 import signal
 import sys
@@ -92,20 +93,33 @@ def ended(received: h2_attacks.Received, limits: list[str]) -> str:
     return seen + (f" ({', '.join(limits)})" if limits else "")
 
 
+def _attack_process(attack: str, port: int, message: bytes, seconds: float,
+                    results: multiprocessing.Queue[h2_attacks.Received]) -> None:
+    """The attacker, in a process of its own: it must not share the legitimate client's GIL."""
+    known = {a.name: a for a in h2_attacks.ATTACKS}
+    with h2_attacks.Running(known.get(attack, attack), port, message) as run:  # type: ignore[arg-type]
+        run.stop.wait(seconds)
+    results.put(run.received)
+
+
 def soak_attack(group: ProcessGroup, policies: Path, message: bytes, layer: str, attack: str,
                 seconds: float, rate: float) -> SoakResult:
     port, metrics_port = free_port(), free_port()
     process = group.start_authz_server(policies, port, [*server_args(1, layer), "--metrics-listen",
                                                         f"127.0.0.1:{metrics_port}"], name=f"{layer}-{attack}")
-    known = {a.name: a for a in h2_attacks.ATTACKS}
+    spawn = multiprocessing.get_context("spawn")  # no fork of a process running grpc threads
+    results: multiprocessing.Queue[h2_attacks.Received] = spawn.Queue()
     try:
         with h2_attacks.LegitimateClient(f"127.0.0.1:{port}", message, rate, CHECK_DEADLINE_S) as legit, \
-                h2_attacks.PeakRss(process.pid) as rss, \
-                h2_attacks.Running(known.get(attack, attack), port, message) as run:  # type: ignore[arg-type]
+                h2_attacks.PeakRss(process.pid) as rss:
+            attacker = spawn.Process(target=_attack_process, args=(attack, port, message, seconds, results))
+            attacker.start()
             time.sleep(seconds)
             legit.stop.set()  # measured while the attack runs, not after
+            received = results.get(timeout=60)
+            attacker.join(timeout=10)
         return SoakResult(attack, layer, len(legit.latencies) + len(legit.failures), len(legit.failures),
-                          legit.p99_ms(), rss.peak / 2**20, ended(run.received, limits_counted(metrics_port)),
+                          legit.p99_ms(), rss.peak / 2**20, ended(received, limits_counted(metrics_port)),
                           "Traceback" in process.log_path.read_text(errors="replace"))
     finally:
         process.popen.send_signal(signal.SIGTERM)
@@ -184,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown attack or layer: {', '.join(unknown)}")
     exit_on_sigterm()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="soak-"))
+    workdir.mkdir(parents=True, exist_ok=True)
     key = tokens.SigningKey.generate()
     policies = tokens.write_policies(key, workdir / "policies.yaml")
     message = check_message(key)
