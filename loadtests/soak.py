@@ -68,13 +68,16 @@ def check_message(key: tokens.SigningKey) -> bytes:
     }).SerializeToString()
 
 
-def start_server(group: ProcessGroup, policies: Path, port: int, layer: str, name: str) -> ManagedProcess:
-    """One single-worker server on ``port``; ready once *its own* log says it serves (the port may
-    already be served by another instance, so a health probe on it proves nothing)."""
+def start_instance(group: ProcessGroup, policies: Path, port: int, layer: str, name: str) -> ManagedProcess:
+    """One more server process on ``port``, as the replacement in a rolling restart.
+
+    Started as a worker (``AUTHZ_WORKER_ID``), which the port claim lets share the port with the
+    instance it replaces, as a supervisor's workers do; ready once *its own* log says it listens
+    (the port is served already, so a health probe on it would prove nothing)."""
     args = [*server_args(1, layer), "--log-level", "INFO", "--grace-period", "5"]
     log = group.workdir / f"{name}.log"
-    return group.start_authz_server(policies, port, args, name=name,
-                                    ready=lambda: log.exists() and "policy set generation" in log.read_text())
+    return group.start_authz_server(policies, port, args, name=name, env={"AUTHZ_WORKER_ID": name},
+                                    ready=lambda: log.exists() and "gRPC listening on" in log.read_text())
 
 
 def limits_counted(metrics_port: int) -> list[str]:
@@ -139,7 +142,7 @@ def soak_drains(group: ProcessGroup, key: tokens.SigningKey, policies: Path, lay
                 rate: int, interval_s: float) -> DrainResult:
     """Two instances on one port behind Envoy; drain and replace one every ``interval_s``."""
     port = free_port()
-    instances = [start_server(group, policies, port, layer, f"drain-{layer}-{n}") for n in range(2)]
+    instances = [start_instance(group, policies, port, layer, f"drain-{layer}-{n}") for n in range(2)]
     variant = Variant(f"soak-{layer}", "server", serving=layer)
     envoy_port = free_port()
     group.start_envoy(f"envoy-{layer}", envoy_config(variant, listen_port=envoy_port, admin_port=free_port(),
@@ -158,7 +161,7 @@ def soak_drains(group: ProcessGroup, key: tokens.SigningKey, policies: Path, lay
         victim.popen.send_signal(signal.SIGTERM)
         if victim.popen.wait(timeout=30) != 0:
             raise RuntimeError(f"{victim.name} exited with {victim.popen.returncode}:\n{victim.log_tail()}")
-        instances[n % 2] = start_server(group, policies, port, layer, f"drain-{layer}-{n + 2}")
+        instances[n % 2] = start_instance(group, policies, port, layer, f"drain-{layer}-{n + 2}")
         done += 1
         time.sleep(max(0.0, interval_s - (time.monotonic() - started)))
     load.join(timeout=load_s + 60)

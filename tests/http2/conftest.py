@@ -61,10 +61,10 @@ class Served:
 StartServer = Callable[..., Served]
 
 
-def loaded(log: Path) -> Callable[[], bool]:
-    """Ready once the log says the policies are loaded: unlike a health probe, this opens no
-    connection of its own that could still count against a connection limit under test."""
-    return lambda: log.exists() and "policy set generation" in log.read_text()
+def listening(log: Path) -> Callable[[], bool]:
+    """Ready once the log says it listens (policies are loaded first): unlike a health probe this
+    opens no connection of its own that could still count against a connection limit under test."""
+    return lambda: log.exists() and "gRPC listening on" in log.read_text()
 
 
 @pytest.fixture
@@ -78,7 +78,7 @@ def start_server(tmp_path: Path) -> Iterator[StartServer]:
             process = group.start_authz_server(
                 tmp_path / "policies.yaml", port,
                 ["--serving", layer, "--decision-log", "off", "--metrics-listen", f"127.0.0.1:{metrics_port}",
-                 *flags], name=name, ready=loaded(group.workdir / f"{name}.log"))
+                 *flags], name=name, ready=listening(group.workdir / f"{name}.log"))
             return Served(layer, port, process, metrics_port)
         yield start
 
