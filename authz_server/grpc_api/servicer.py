@@ -17,7 +17,7 @@ from google.protobuf.message import DecodeError
 from authz_server.authorizer import Authorizer, Verdict
 from authz_server.engine.request import RequestAttributes
 from authz_server.grpc_api.check_request import MalformedCheckRequest, RequestContextSettings, to_attributes
-from authz_server.grpc_api.check_response import serialized_response, to_check_response
+from authz_server.grpc_api.check_response import serialized_response
 from authz_server.observability.log_limit import RateLimitedLog
 
 log = logging.getLogger(__name__)
