@@ -59,7 +59,9 @@ class App:
             VerdictSettings(policy_header=args.policy_header, ok_headers=args.ok_headers, fail_open=args.fail_open,
                             dry_run_header=args.dry_run_header),
         )
-        workload = Workload(args.workload_namespace or None, args.workload_labels, args.workload_kind)
+        # Unset static values stay unknown (None): a Check that does not carry them is then
+        # denied wherever a policy's scope depends on them (README "The workload identity").
+        workload = Workload(args.workload_namespace or None, args.workload_labels or None, args.workload_kind)
         self.context = RequestContextSettings(workload, args.num_trusted_proxies)
         self.decision_log = self._decision_log(args)
         self.tracer = self._tracer(args)

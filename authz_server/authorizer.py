@@ -89,22 +89,22 @@ class Authorizer:
             log.exception("internal error while deciding %s %s", req.method, req.path)
             return self.failure("internal_error", "internal error while deciding")
 
-    def failure(self, reason: str, detail: str) -> Verdict:
-        """Fail closed (403) unless fail-open is configured."""
+    def failure(self, reason: str, detail: str, header: str = "error") -> Verdict:
+        """Fail closed (403) unless fail-open is configured; *header* is the policy header's value."""
         if self.settings.fail_open:
             return Verdict(True, 200, "", reason, f"{detail} (fail-open)", upstream_headers=self.settings.ok_headers)
-        return Verdict(False, 403, RBAC_DENIED_BODY, reason, detail, deny_headers=self._policy_header("error"))
+        return Verdict(False, 403, RBAC_DENIED_BODY, reason, detail, deny_headers=self._policy_header(header))
 
     async def _check(self, req: RequestAttributes) -> Verdict:
         workload = req.workload
-        if workload.namespace is None:
-            return self.failure(
-                "unknown_workload",
-                "workload namespace unknown: no destination.principal and no --workload-namespace",
-            )
-        service = destination_service(req.host, workload.namespace) if workload.kind == "waypoint" else None
+        service = None
+        if workload.kind == "waypoint" and workload.namespace is not None:
+            service = destination_service(req.host, workload.namespace)
         engine = self._current_engine()
         view = engine.for_workload(workload, service)
+        unknown = view.unknown_identity
+        if unknown is not None:
+            return self.failure(unknown, _unknown_identity_detail(view.unscoped), header=unknown)
         authn: AuthnResult | None = None
         if view.authenticator is not None:
             authn = await view.authenticator.authenticate(req)
@@ -164,6 +164,15 @@ class Authorizer:
     def _policy_header(self, value: str) -> Headers:
         name = self.settings.policy_header
         return ((name, value),) if name else ()
+
+
+def _unknown_identity_detail(unscoped: tuple[tuple[str, str], ...]) -> str:
+    """``workload labels unknown, needed to scope foo/a, foo/b (+3 more)`` — what to fix."""
+    missing = "namespace" if any(what == "namespace" for what, _ in unscoped) else "labels"
+    refs = [ref for what, ref in unscoped if what == missing]
+    shown = ", ".join(refs[:3]) + (f" (+{len(refs) - 3} more)" if len(refs) > 3 else "")
+    return (f"workload {missing} unknown (the proxy sent none and none is configured), "
+            f"needed to scope {shown}")
 
 
 def _apply_header_changes(req: RequestAttributes, authn: AuthnResult) -> None:

@@ -1,7 +1,8 @@
 """Explain one request offline: the decision, the policy and rule behind it, and why.
 
-The request description (YAML/JSON) is turned into a real CheckRequest and goes through the
-same adapter and authorizer as a live Check, so what ``explain`` says is what the server does.
+The request description (YAML/JSON) is turned into a real CheckRequest (plus the calling proxy's
+``x-authz-*`` call metadata) and goes through the same adapter and authorizer as a live Check,
+so what ``explain`` says is what the server does.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from authz_server.engine.engine import PolicyEngine, WorkloadView
 from authz_server.engine.request import RequestAttributes
 from authz_server.engine.scope import destination_service
 from authz_server.grpc_api.check_request import RequestContextSettings, to_attributes
+from authz_server.grpc_api.workload_identity import BadProxyMetadata, Metadata, proxy_identity
 
-REQUEST_FIELDS = ("method", "host", "path", "headers", "source", "destination", "sni")
+REQUEST_FIELDS = ("method", "host", "path", "headers", "source", "destination", "sni", "metadata")
 
 
 class RequestDescriptionError(ValueError):
@@ -81,12 +83,31 @@ def _peer(raw: Any, name: str) -> AttributeContext.Peer:
     return peer
 
 
-def parse_request_description(text: str) -> CheckRequest:
+def metadata_from_description(doc: Any) -> Metadata:
+    """The description's ``metadata`` (name: value): the gRPC metadata of the Check call, i.e. what
+    the proxy's ``grpc_service.initial_metadata`` adds (``x-authz-workload-namespace``, ...)."""
+    raw = doc.get("metadata") if isinstance(doc, Mapping) else None
+    if raw is None:
+        return ()
+    if not isinstance(raw, Mapping):
+        raise RequestDescriptionError("metadata must be an object (name: value)")
+    return tuple((str(k).lower(), str(v)) for k, v in raw.items())
+
+
+@dataclass(frozen=True)
+class DescribedCheck:
+    """A described Check: the CheckRequest and the call metadata it arrives with."""
+
+    request: CheckRequest
+    metadata: Metadata = ()
+
+
+def parse_request_description(text: str) -> DescribedCheck:
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RequestDescriptionError(f"invalid YAML/JSON: {exc}") from None
-    return check_request_from_description(doc)
+    return DescribedCheck(check_request_from_description(doc), metadata_from_description(doc))
 
 
 @dataclass(frozen=True)
@@ -98,12 +119,19 @@ class Explanation:
 
 
 async def explain(
-    check_request: CheckRequest,
+    check: DescribedCheck | CheckRequest,
     engine: PolicyEngine,
     authorizer: Authorizer,
     context: RequestContextSettings,
 ) -> Explanation:
-    attrs = to_attributes(check_request, context)
+    """Decide a described Check (a bare CheckRequest: one without call metadata)."""
+    if isinstance(check, CheckRequest):
+        check = DescribedCheck(check)
+    try:
+        attrs = to_attributes(check.request, context, proxy_identity(check.metadata))
+    except BadProxyMetadata as exc:  # denied as a live Check would be
+        verdict = authorizer.failure(exc.reason, str(exc), header=exc.reason)
+        return Explanation(verdict, "\n".join(_verdict_lines(verdict)), to_attributes(check.request, context))
     verdict = await authorizer.check(attrs)
     return Explanation(verdict, render(verdict, attrs, engine), attrs)
 
@@ -117,7 +145,7 @@ def workload_view(attrs: RequestAttributes, engine: PolicyEngine) -> WorkloadVie
     return engine.for_workload(workload, service)
 
 
-def render(verdict: Verdict, attrs: RequestAttributes, engine: PolicyEngine) -> str:
+def _verdict_lines(verdict: Verdict) -> list[str]:
     decision = "ALLOW" if verdict.allowed else "DENY"
     lines = [
         f"decision: {decision} (HTTP {verdict.http_status})",
@@ -127,15 +155,22 @@ def render(verdict: Verdict, attrs: RequestAttributes, engine: PolicyEngine) -> 
         lines.append(f"policy:   {verdict.policy} rule[{verdict.rule}]")
     if verdict.body:
         lines.append(f"body:     {verdict.body}")
+    return lines
+
+
+def render(verdict: Verdict, attrs: RequestAttributes, engine: PolicyEngine) -> str:
+    lines = _verdict_lines(verdict)
     workload = attrs.workload
-    labels = ",".join(f"{k}={v}" for k, v in sorted(workload.labels.items())) or "-"
+    labels = "?" if workload.labels is None else ",".join(f"{k}={v}" for k, v in sorted(workload.labels.items())) or "-"
     lines.append(f"workload: namespace={workload.namespace or '?'} labels={labels} kind={workload.kind}")
     lines.append(f"request:  {attrs.method} {attrs.host}{attrs.raw_path} from {attrs.source_principal or 'no peer identity'}"
                  f" ip={attrs.source_ip or '-'} remote.ip={attrs.remote_ip or '-'}")
     if attrs.auth is not None:
         lines.append(f"jwt:      iss={attrs.auth.issuer} sub={attrs.auth.subject}")
-    view = workload_view(attrs, engine)
-    if view is not None:
+    if verdict.reason.startswith("unknown_workload_"):
+        lines.append("unscoped: " + ", ".join(f"{ref} (needs the workload's {what})" for what, ref in
+                                              engine.for_workload(workload).unscoped))
+    elif (view := workload_view(attrs, engine)) is not None:
         policies = view.policies
         for title, group in (("DENY", policies.deny), ("ALLOW", policies.allow), ("AUDIT", policies.audit),
                              ("dry-run DENY", policies.dry_deny), ("dry-run ALLOW", policies.dry_allow)):

@@ -14,7 +14,7 @@ from authz_server.engine.attributes import CompileEnv
 from authz_server.engine.compiler import CompiledPolicy, compile_policy
 from authz_server.engine.decide import WorkloadPolicies
 from authz_server.engine.request import Workload
-from authz_server.engine.scope import applies
+from authz_server.engine.scope import applies, missing_identity
 from authz_server.policy.loader import PolicySet
 from authz_server.jwt.authenticator import JwtAuthenticator
 from authz_server.jwt.rules import JwtRule
@@ -42,6 +42,19 @@ class WorkloadView:
     request_authentications: tuple[RequestAuthentication, ...]
     #: ``None`` when no RequestAuthentication applies (tokens are then not looked at, as in Istio)
     authenticator: JwtAuthenticator | None
+    #: enforced policies (and RequestAuthentications) that cannot be scoped because the workload's
+    #: namespace or labels are unknown, as (what is missing, policy ref); requests are denied for them
+    unscoped: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def unknown_identity(self) -> str | None:
+        """``unknown_workload_namespace`` / ``unknown_workload_labels`` when some policy cannot be
+        scoped (the namespace first: without it even the candidate policies are unknown)."""
+        missing = {what for what, _ in self.unscoped}
+        for what in ("namespace", "labels"):
+            if what in missing:
+                return f"unknown_workload_{what}"
+        return None
 
 
 AuthenticatorFactory = Callable[[tuple[JwtRule, ...]], JwtAuthenticator]
@@ -64,7 +77,8 @@ class PolicyEngine:
         self._views: dict[Hashable, WorkloadView] = {}
 
     def for_workload(self, workload: Workload, service: tuple[str, str] | None = None) -> WorkloadView:
-        key = (workload.namespace, frozenset(workload.labels.items()), workload.kind, service)
+        labels = None if workload.labels is None else frozenset(workload.labels.items())
+        key = (workload.namespace, labels, workload.kind, service)
         view = self._views.get(key)
         if view is None:
             view = self._select(workload, service)
@@ -86,4 +100,20 @@ class PolicyEngine:
         # Istio merges the jwtRules of every applicable RequestAuthentication, sorted by issuer.
         rules = tuple(sorted((rule for ra in ras for rule in ra.jwt_rules), key=lambda r: r.issuer))
         authenticator = self.authenticator_factory(rules) if rules and self.authenticator_factory else None
-        return WorkloadView(WorkloadPolicies.split(policies), ras, authenticator)
+        return WorkloadView(WorkloadPolicies.split(policies), ras, authenticator, self._unscoped(workload))
+
+    def _unscoped(self, workload: Workload) -> tuple[tuple[str, str], ...]:
+        """Enforced policies and RequestAuthentications whose scope the workload cannot decide.
+
+        Dry-run policies are left out: they never change a decision, so an unknown identity is
+        no reason to deny for them (they are simply not evaluated for such a workload).
+        """
+        if workload.namespace is not None and workload.labels is not None:
+            return ()
+        root = self.mesh.root_namespace
+        attached = [(c.policy.attachment, c.policy.namespace, c.policy.ref)
+                    for c in self._compiled if not c.policy.dry_run]
+        attached += [(ra.attachment, ra.namespace, ra.ref) for ra in self.policy_set.request_authentications]
+        found = ((missing_identity(attachment, namespace, workload, root), ref)
+                 for attachment, namespace, ref in attached)
+        return tuple((missing, ref) for missing, ref in found if missing is not None)

@@ -24,10 +24,14 @@ class Workload:
     (classic gateways) honour selectors; ``k8s-gateway`` (Gateway API, label
     ``gateway.networking.k8s.io/gateway-name``) honours targetRefs and selectors; ``waypoint``
     honours targetRefs only.
+
+    ``None`` means unknown: the Check did not carry it and no static value is configured. A
+    policy whose attachment depends on an unknown value cannot be scoped, and the request is
+    denied for it (see :func:`authz_server.engine.scope.missing_identity`).
     """
 
     namespace: str | None
-    labels: Mapping[str, str] = field(default_factory=dict)
+    labels: Mapping[str, str] | None = field(default_factory=dict)
     kind: str = "sidecar"
 
 

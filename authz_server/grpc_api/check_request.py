@@ -2,8 +2,9 @@
 
 What Istio's Envoy actually sends is in SPEC 8.1: the peer's SPIFFE id, addresses, the HTTP
 request with lower-cased headers, and the proxy's own identity in ``destination.principal``.
-Things the engine needs but Envoy does not send (the workload's labels, remote.ip, the SNI)
-are derived here or come from static settings.
+Things the engine needs but Envoy does not send by default (the workload's labels, remote.ip,
+the SNI) are derived here, come from the calling proxy's gRPC metadata
+(:mod:`.workload_identity`), or from static settings.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Mapping
 from envoy.service.auth.v3.external_auth_pb2 import CheckRequest
 
 from authz_server.engine.request import IPAddress, RequestAttributes, Workload, parse_ip, strip_query
+from authz_server.grpc_api.workload_identity import NO_PROXY_IDENTITY, BadProxyMetadata, ProxyIdentity
 
 GATEWAY_KINDS = frozenset({"gateway", "k8s-gateway"})
 #: The SPIFFE standard: implementations need not accept an ID longer than 2,048 bytes.
@@ -23,12 +25,15 @@ MAX_SPIFFE_ID_BYTES = 2048
 class MalformedCheckRequest(ValueError):
     """The CheckRequest lacks what every HTTP Check carries; it is denied, never an error."""
 
+    reason = "malformed_request"
+
 
 @dataclass(frozen=True, slots=True)
 class RequestContextSettings:
-    """Static facts about the proxy that calls us, for what a CheckRequest cannot tell."""
+    """Static facts about the proxy that calls us, for what neither the CheckRequest nor the
+    call's metadata tells (sidecar-local, a release per gateway or waypoint)."""
 
-    workload: Workload = field(default_factory=lambda: Workload(None))
+    workload: Workload = field(default_factory=lambda: Workload(None, None))
     num_trusted_proxies: int = 0
 
 
@@ -65,8 +70,14 @@ def remote_ip(
     return parse_ip(xff.rpartition(",")[2]) or peer
 
 
-def to_attributes(request: CheckRequest, settings: RequestContextSettings) -> RequestAttributes:
-    """Convert one CheckRequest; raises :class:`MalformedCheckRequest` when it is not HTTP."""
+def to_attributes(
+    request: CheckRequest, settings: RequestContextSettings, proxy: ProxyIdentity = NO_PROXY_IDENTITY
+) -> RequestAttributes:
+    """Convert one CheckRequest sent by the proxy *proxy* says it is.
+
+    Raises :class:`MalformedCheckRequest` when it is not HTTP, :class:`BadProxyMetadata` when the
+    proxy's metadata contradicts its certificate.
+    """
     attrs = request.attributes
     http = attrs.request.http
     if not http.method or not http.path:
@@ -86,7 +97,8 @@ def to_attributes(request: CheckRequest, settings: RequestContextSettings) -> Re
         raise MalformedCheckRequest(f"source.principal longer than {MAX_SPIFFE_ID_BYTES} bytes (SPIFFE's limit)")
     source_ip = parse_ip(attrs.source.address.socket_address.address)
     dest = attrs.destination.address.socket_address
-    workload = _workload(attrs.destination.principal, attrs.destination.labels, settings.workload)
+    workload = _workload(attrs.destination.principal, attrs.destination.labels, proxy, settings.workload)
+    trusted = settings.num_trusted_proxies if proxy.num_trusted_proxies is None else proxy.num_trusted_proxies
     return RequestAttributes(
         method=http.method,
         host=http.host or headers.get(":authority", ""),
@@ -96,7 +108,7 @@ def to_attributes(request: CheckRequest, settings: RequestContextSettings) -> Re
         header_values=header_values,
         source_principal=source_principal or None,
         source_ip=source_ip,
-        remote_ip=remote_ip(headers.get("x-forwarded-for"), source_ip, workload.kind, settings.num_trusted_proxies),
+        remote_ip=remote_ip(headers.get("x-forwarded-for"), source_ip, workload.kind, trusted),
         destination_ip=parse_ip(dest.address),
         destination_port=dest.port_value if dest.address else None,
         sni=attrs.tls_session.sni or None,
@@ -123,9 +135,20 @@ def _lower_case_names(sent: Mapping[str, str]) -> dict[str, str]:
     return lowered
 
 
-def _workload(principal: str, labels: Mapping[str, str], static: Workload) -> Workload:
-    """Per-request identity wins over the static one (SPEC 8.1: Envoy sends no labels by default)."""
+def _workload(principal: str, labels: Mapping[str, str], proxy: ProxyIdentity, static: Workload) -> Workload:
+    """The workload this Check is for: what the proxy itself sends wins over static settings.
+
+    Namespace: the proxy's own SPIFFE id (``destination.principal``, mTLS only), else its
+    ``x-authz-workload-namespace`` metadata, else ``--workload-namespace``. Labels: Envoy's
+    ``destination.labels`` (node metadata ``LABELS``), else ``--workload-labels``. Kind: the
+    metadata, else ``--workload-kind``. Whatever none of them gives stays ``None`` (unknown).
+    """
     namespace = namespace_from_spiffe(principal) if principal else None
-    if namespace is None and not labels:
-        return static
-    return Workload(namespace or static.namespace, dict(labels) if labels else static.labels, static.kind)
+    if namespace is not None and proxy.namespace is not None and proxy.namespace != namespace:
+        raise BadProxyMetadata(
+            f"x-authz-workload-namespace {proxy.namespace!r} contradicts the proxy's certificate ({principal})")
+    return Workload(
+        namespace or proxy.namespace or static.namespace,
+        dict(labels) if labels else static.labels,
+        proxy.kind or static.kind,
+    )

@@ -28,8 +28,8 @@ class Diagnostics:
         self.context = context
 
     async def explain(self, request: diagnostics_pb2.ExplainRequest) -> diagnostics_pb2.ExplainResponse:
-        check_request = parse_request_description(request.request_document)
-        result = await explain(check_request, self.store.engine(), self.authorizer, self.context)
+        check = parse_request_description(request.request_document)
+        result = await explain(check, self.store.engine(), self.authorizer, self.context)
         verdict = result.verdict
         return diagnostics_pb2.ExplainResponse(
             allowed=verdict.allowed,

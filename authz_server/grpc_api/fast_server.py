@@ -48,8 +48,10 @@ from authz_server.grpc_api.h2_requests import Headers, RequestHead, Refusal, req
 
 log = logging.getLogger(__name__)
 
-#: a unary method: request bytes -> response bytes (raises GrpcError for a non-OK status)
-UnaryHandler = Callable[[bytes], Coroutine[Any, Any, bytes]]
+#: a unary method: (request bytes, the request's decoded header list — read-only, shared with
+#: the header cache) -> response bytes (raises GrpcError for a non-OK status); the headers carry
+#: the call's metadata (Check reads the proxy's x-authz-*)
+UnaryHandler = Callable[[bytes, Headers], Coroutine[Any, Any, bytes]]
 #: a bidirectional-streaming method answered message by message: one response per request
 #: message, synchronously (server reflection is the one such method served here)
 MessageHandler = Callable[[bytes], bytes]
@@ -680,7 +682,7 @@ class _Connection(asyncio.Protocol):
             return
         self._release(stream)  # handed to the handler: the peer may send more
         self.turn_cost += DISPATCH_COST
-        coroutine = stream.handler(message)  # type: ignore[misc]
+        coroutine = stream.handler(message, stream.headers)  # type: ignore[misc]
         try:
             done, value = _drive(coroutine)
         except GrpcError as exc:
@@ -996,7 +998,7 @@ class FastGrpcServer:
 
 def unary(parse: Callable[[bytes], Any], call: Callable[[Any], Awaitable[Any]]) -> UnaryHandler:
     """Adapt ``call(message) -> message`` to a bytes handler (Diagnostics, health)."""
-    async def handler(data: bytes) -> bytes:
+    async def handler(data: bytes, headers: Headers) -> bytes:
         try:
             request = parse(data)
         except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError subclasses

@@ -128,7 +128,8 @@ def _raw_check(handler: CheckHandler) -> grpc.GenericRpcHandler:
     so an undecodable CheckRequest reaches the handler and is denied (fail closed), never a gRPC
     error (which Envoy's ``failure_mode_allow`` would turn into an allow)."""
     async def check(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        return await handler.check_bytes(request)
+        # The call's metadata carries the proxy's x-authz-* identity (workload_identity).
+        return await handler.check_bytes(request, context.invocation_metadata() or ())
     return grpc.method_handlers_generic_handler(AUTHORIZATION_SERVICE, {
         "Check": grpc.unary_unary_rpc_method_handler(check),
     })

@@ -1,15 +1,17 @@
 """The ``envoy.service.auth.v3.Authorization/Check`` method: adapt, decide, answer, observe.
 
 :class:`CheckHandler` is the method itself, shared by both serving layers: the fast HTTP/2
-server calls :meth:`CheckHandler.check_bytes` (bytes in, cached bytes out) and the grpcio
-layer through a generic bytes handler — the same method.
+server calls :meth:`CheckHandler.check_bytes` (bytes and the call's headers in, cached bytes out)
+and the grpcio layer through a generic bytes handler — the same method, with the call's
+invocation metadata. Either way the calling proxy's ``x-authz-*`` metadata
+(:mod:`.workload_identity`) reaches the decision.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 from envoy.service.auth.v3.external_auth_pb2 import CheckRequest
 from google.protobuf.message import DecodeError
@@ -18,6 +20,7 @@ from authz_server.authorizer import Authorizer, Verdict
 from authz_server.engine.request import RequestAttributes
 from authz_server.grpc_api.check_request import MalformedCheckRequest, RequestContextSettings, to_attributes
 from authz_server.grpc_api.check_response import serialized_response
+from authz_server.grpc_api.workload_identity import BadProxyMetadata, proxy_identity
 from authz_server.observability.log_limit import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -39,15 +42,20 @@ class CheckHandler:
         self.context_settings = context_settings
         self.observe = observe
 
-    async def verdict(self, request: CheckRequest, started: float | None = None) -> Verdict:
+    async def verdict(
+        self, request: CheckRequest, started: float | None = None, metadata: Iterable[tuple[str, str]] = ()
+    ) -> Verdict:
+        """Decide *request*; *metadata* is the Check call's headers (the proxy's identity)."""
         started = time.perf_counter() if started is None else started
         attrs: RequestAttributes | None
         try:
-            attrs = to_attributes(request, self.context_settings)
-        except MalformedCheckRequest as exc:
-            _log_malformed("malformed CheckRequest: %s", exc)
+            attrs = to_attributes(request, self.context_settings, proxy_identity(metadata))
+        except (MalformedCheckRequest, BadProxyMetadata) as exc:
+            _log_malformed("%s: %s", "bad proxy metadata" if isinstance(exc, BadProxyMetadata)
+                           else "malformed CheckRequest", exc)
             attrs = None
-            verdict = self.authorizer.failure("malformed_request", str(exc))
+            header = exc.reason if isinstance(exc, BadProxyMetadata) else "error"
+            verdict = self.authorizer.failure(exc.reason, str(exc), header=header)
         else:
             verdict = await self.authorizer.check(attrs)
             if verdict.dry_run:
@@ -56,7 +64,7 @@ class CheckHandler:
             self.observe(verdict, attrs, time.perf_counter() - started)
         return verdict
 
-    async def check_bytes(self, data: bytes) -> bytes:
+    async def check_bytes(self, data: bytes, headers: Iterable[tuple[str, str]] = ()) -> bytes:
         started = time.perf_counter()
         try:
             request = CheckRequest.FromString(data)
@@ -66,7 +74,7 @@ class CheckHandler:
             if self.observe is not None:
                 self.observe(verdict, None, time.perf_counter() - started)
             return serialized_response(verdict)
-        return serialized_response(await self.verdict(request, started))
+        return serialized_response(await self.verdict(request, started, headers))
 
 
 def _log_dry_run(verdict: Verdict, method: str, path: str) -> None:

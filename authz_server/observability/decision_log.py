@@ -1,9 +1,10 @@
 """Decision log: one JSON line per Check, with what an auditor needs and nothing secret.
 
-Logged: request id, decision, status, policy and rule, reason, peer and request principals,
-method, host, path (query dropped unless configured, then with sensitive parameters
-redacted: a fixed list, every token parameter the policies configure, and any value shaped like a
-JWT), latency, dry-run results, a short digest of the token (never the token). Headers are
+Logged: request id, decision, status, policy and rule, reason, the workload decided for
+(namespace, kind, labels and their digest), peer and request principals, method, host, path
+(query dropped unless configured, then with sensitive parameters redacted: a fixed list, every
+token parameter the policies configure, and any value shaped like a JWT), latency, dry-run
+results, a short digest of the token (never the token). Headers are
 never logged, so Authorization, cookies and tokens cannot leak through here. Lines are
 buffered and flushed at least every ``FLUSH_SECONDS`` so logging costs no syscall per Check;
 each write is a run of whole lines no longer than ``PIPE_BUF``, so several worker processes
@@ -12,6 +13,7 @@ sharing one stdout pipe never interleave inside a line.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -23,7 +25,7 @@ from typing import IO, Iterable
 from urllib.parse import parse_qsl, urlencode
 
 from authz_server.authorizer import Verdict
-from authz_server.engine.request import RequestAttributes
+from authz_server.engine.request import RequestAttributes, Workload
 
 FLUSH_SECONDS = 0.5
 #: writes up to this size to a pipe are atomic (POSIX); 4096 on Linux
@@ -33,6 +35,10 @@ REDACTED = "REDACTED"
 DEFAULT_SENSITIVE_PARAMS = ("access_token", "token", "id_token", "code", "password", "secret", "api_key", "apikey")
 #: header.payload[.signature] in base64url, the header starting with '{"' (``eyJ``)
 _JWT_SHAPE = re.compile(r"\s*eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_=-]+(\.[A-Za-z0-9_=-]*)?\s*")
+#: a workload's labels are logged in full up to this many bytes of JSON, else only their digest
+MAX_LOGGED_LABELS = 512
+#: distinct workload identities whose log form is kept (a server sees a handful; cleared when full)
+WORKLOAD_CACHE_SIZE = 1024
 
 
 class DecisionLog:
@@ -52,6 +58,7 @@ class DecisionLog:
         self._fixed_params = frozenset(p.lower() for p in sensitive_params)
         self.sensitive_params = self._fixed_params
         self._last_flush = time.monotonic()
+        self._workloads: dict[object, dict[str, object]] = {}
 
     def redact_params(self, names: Iterable[str]) -> None:
         """Also redact these query parameters: the token parameters (``fromParams``) of the policy
@@ -110,6 +117,7 @@ class DecisionLog:
                 method=attrs.method,
                 host=attrs.host,
                 path=self._path(attrs),
+                workload=self._workload(attrs.workload),
                 source_principal=attrs.source_principal,
                 source_ip=str(attrs.source_ip) if attrs.source_ip else None,
             )
@@ -124,6 +132,19 @@ class DecisionLog:
             ]
         return entry
 
+    def _workload(self, workload: Workload) -> dict[str, object]:
+        """``{namespace, kind, labels, labels_digest}``, built once per identity. ``labels`` is
+        ``null`` when unknown and left out when too large (the digest still tells workloads apart)."""
+        labels = None if workload.labels is None else frozenset(workload.labels.items())
+        key = (workload.namespace, workload.kind, labels)
+        entry = self._workloads.get(key)
+        if entry is None:
+            entry = workload_entry(workload)
+            if len(self._workloads) >= WORKLOAD_CACHE_SIZE:
+                self._workloads.clear()
+            self._workloads[key] = entry
+        return entry
+
     def _path(self, attrs: RequestAttributes) -> str:
         if not self.include_query or attrs.raw_path == attrs.path:
             return attrs.path
@@ -131,3 +152,17 @@ class DecisionLog:
         pairs = [(k, REDACTED if k.lower() in self.sensitive_params or _JWT_SHAPE.fullmatch(v) else v)
                  for k, v in parse_qsl(query, keep_blank_values=True)]
         return f"{attrs.path}?{urlencode(pairs)}" if pairs else attrs.path
+
+
+def workload_entry(workload: Workload) -> dict[str, object]:
+    """The decision log's form of a workload identity (see :meth:`DecisionLog._workload`)."""
+    entry: dict[str, object] = {"namespace": workload.namespace, "kind": workload.kind}
+    if workload.labels is None:
+        entry["labels"] = None
+        return entry
+    ordered = dict(sorted(workload.labels.items()))
+    canonical = json.dumps(ordered, separators=(",", ":"))
+    if len(canonical) <= MAX_LOGGED_LABELS:
+        entry["labels"] = ordered
+    entry["labels_digest"] = hashlib.sha256(canonical.encode()).hexdigest()[:12]
+    return entry

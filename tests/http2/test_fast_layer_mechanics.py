@@ -22,7 +22,7 @@ from loadtests import h2_attacks as a
 ECHO = "/test.Echo/Echo"
 
 
-async def echo(data: bytes) -> bytes:
+async def echo(data: bytes, headers: list[tuple[str, str]]) -> bytes:
     return data
 
 

@@ -96,6 +96,29 @@ def test_malformed_check_request_is_denied_not_an_error(server: Server) -> None:
     assert "malformed CheckRequest" in server.process.log_tail(50)
 
 
+def _deny_header(response) -> str:
+    return {h.header.key: h.header.value for h in response.denied_response.headers}.get("x-ext-authz-policy", "")
+
+
+def test_the_proxy_identity_arrives_as_call_metadata(server: Server) -> None:
+    """A plaintext caller's Check has no destination.principal: the namespace comes from the
+    proxy's x-authz-* call metadata (Envoy's initial_metadata), on both serving layers."""
+    plaintext = check_request_from_description({
+        "method": "GET", "host": "httpbin.foo:8000", "path": "/get",
+        "source": {"address": "10.0.0.5", "port": 40000}, "destination": {"address": "10.0.1.10", "port": 80},
+    })
+    unknown = server.check(plaintext, timeout=5)
+    assert unknown.status.message == "unknown_workload_namespace"
+    assert _deny_header(unknown) == "unknown_workload_namespace"
+    known = server.check(plaintext, metadata=(("x-authz-workload-namespace", "foo"),), timeout=5)
+    assert known.status.message == "no_allow_match"  # decided by foo's policy: no principal, no allow
+    bad = server.check(plaintext, metadata=(("x-authz-workload-kind", "mainframe"),), timeout=5)
+    assert bad.status.message == "bad_proxy_metadata" and bad.denied_response.status.code == 403
+    assert "bad proxy metadata" in server.process.log_tail(50)
+    contradicting = server.check(request(), metadata=(("x-authz-workload-namespace", "bar"),), timeout=5)
+    assert contradicting.status.message == "bad_proxy_metadata"
+
+
 def test_sighup_reload_switches_decisions_and_rejects_a_bad_set(server: Server) -> None:
     (server.policies / "deny.yaml").write_text(DENY_ALL)
     server.process.popen.send_signal(signal.SIGHUP)

@@ -134,10 +134,57 @@ def test_ip_conditions() -> None:
     assert not decide(e, destination_port=8080).allowed
 
 
+ADMIN_DENY = ap("admin-api-deny-admin", """\
+    selector: {matchLabels: {app: admin-api}}
+    action: DENY
+    rules: [{to: [{operation: {paths: ["/admin/*"]}}]}]""")
+MESH_DENY = ap("mesh-deny-debug", "action: DENY\nrules: [{to: [{operation: {paths: ['/debug']}}]}]",
+               namespace="istio-system")
+
+
 @pytest.mark.parametrize("fail_open", [False, True])
-def test_unknown_workload_fails_closed_unless_configured(fail_open: bool) -> None:
-    verdict = decide(engine(""), VerdictSettings(fail_open=fail_open), workload=Workload(None))
-    assert verdict.allowed is fail_open and verdict.reason == "unknown_workload"
+def test_a_selector_policy_is_never_skipped_for_unknown_labels(fail_open: bool) -> None:
+    """The issue's bypass: a DENY for app=admin-api must not let /admin/users through merely because
+    the Check carried no labels; the request is denied with a reason that says what is missing."""
+    e = engine(ADMIN_DENY)
+    verdict = decide(e, VerdictSettings(fail_open=fail_open), path="/admin/users", workload=Workload("foo", None))
+    assert verdict.allowed is fail_open and verdict.reason == "unknown_workload_labels"
+    assert "foo/admin-api-deny-admin" in verdict.detail and "labels unknown" in verdict.detail
+    if not fail_open:
+        assert ("x-ext-authz-policy", "unknown_workload_labels") in verdict.deny_headers
+        assert verdict.http_status == 403
+    # with the labels known, each workload gets its own policies
+    assert not decide(e, path="/admin/users", workload=Workload("foo", {"app": "admin-api"})).allowed
+    assert decide(e, path="/admin/users", workload=Workload("foo", {"app": "httpbin"})).allowed
+
+
+def test_unknown_identity_denies_only_where_a_policy_depends_on_it() -> None:
+    # Mesh-wide and namespace-wide policies need no labels: decided normally.
+    e = engine(MESH_DENY + ap("ns-wide", "rules: [{to: [{operation: {methods: [GET]}}]}]"))
+    assert decide(e, workload=Workload("foo", None)).reason == "allowed_by_policy"
+    assert decide(e, path="/debug", workload=Workload("foo", None)).policy == "istio-system/mesh-deny-debug"
+    # Without a namespace, a namespaced policy might apply: unknown; with root policies only, not.
+    verdict = decide(e, workload=Workload(None, {"app": "httpbin"}))
+    assert verdict.reason == "unknown_workload_namespace" and "foo/ns-wide" in verdict.detail
+    assert decide(engine(MESH_DENY), path="/debug", workload=Workload(None, None)).policy == \
+        "istio-system/mesh-deny-debug"
+    # An empty selector selects everything: it depends on nothing.
+    empty = engine(ap("all", "selector: {matchLabels: {}}\naction: DENY\nrules: [{to: [{operation: {paths: [/x]}}]}]"))
+    assert decide(empty, path="/x", workload=Workload("foo", None)).policy == "foo/all"
+
+
+def test_dry_run_policies_never_deny_for_an_unknown_identity() -> None:
+    dry = ap("dry", "selector: {matchLabels: {app: x}}\naction: DENY\nrules: [{}]",
+             annotations=", annotations: {istio.io/dry-run: 'true'}")
+    assert decide(engine(dry), workload=Workload("foo", None)).allowed
+
+
+def test_a_request_authentication_is_never_skipped_for_unknown_labels() -> None:
+    ra = ("---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\n"
+          "metadata: {name: jwt, namespace: foo}\nspec:\n  selector: {matchLabels: {app: httpbin}}\n"
+          "  jwtRules: [{issuer: 'https://issuer.example', jwksUri: 'https://issuer.example/jwks'}]\n")
+    verdict = decide(engine(ra), workload=Workload("foo", None))
+    assert verdict.reason == "unknown_workload_labels" and "foo/jwt" in verdict.detail
 
 
 def test_no_policy_set_loaded_fails_closed() -> None:

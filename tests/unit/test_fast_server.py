@@ -9,36 +9,42 @@ import grpc
 import pytest
 
 from authz_server.grpc_api import h2_frames as h2
-from authz_server.grpc_api.fast_server import FastGrpcServer, GrpcError
+from authz_server.grpc_api.fast_server import FastGrpcServer, GrpcError, Headers
 
 ECHO = "/test.Echo/Echo"
 SLOW = "/test.Echo/Slow"
 FAIL = "/test.Echo/Fail"
 BIG = "/test.Echo/Big"
+METADATA = "/test.Echo/Metadata"
 
 
-async def echo(data: bytes) -> bytes:
+async def echo(data: bytes, headers: Headers) -> bytes:
     return data
 
 
-async def slow(data: bytes) -> bytes:
+async def slow(data: bytes, headers: Headers) -> bytes:
     """Really waits (a future resolved later), like a Check waiting for a JWKS fetch."""
     future = asyncio.get_running_loop().create_future()
     asyncio.get_running_loop().call_later(0.01, future.set_result, b"late:")
     return await future + data
 
 
-async def fail(data: bytes) -> bytes:
+async def fail(data: bytes, headers: Headers) -> bytes:
     raise GrpcError(h2.GRPC_INVALID_ARGUMENT, "bad input: " + data.decode())
 
 
-async def big(data: bytes) -> bytes:
+async def big(data: bytes, headers: Headers) -> bytes:
     return b"x" * 200_000  # larger than the peer's initial flow-control window
+
+
+async def metadata(data: bytes, headers: Headers) -> bytes:
+    """The call's custom metadata, as the handler sees it."""
+    return repr([(k, v) for k, v in headers if k.startswith("x-test-")]).encode()
 
 
 def run(scenario) -> None:  # type: ignore[no-untyped-def]
     async def main() -> None:
-        server = FastGrpcServer({ECHO: echo, SLOW: slow, FAIL: fail, BIG: big})
+        server = FastGrpcServer({ECHO: echo, SLOW: slow, FAIL: fail, BIG: big, METADATA: metadata})
         port = await server.start("127.0.0.1:0")
         try:
             await scenario(port)
@@ -68,6 +74,18 @@ def test_unary_calls_immediate_waiting_failing_and_large() -> None:
             assert await call(channel, ECHO, b"still fine") == b"still fine"
     run(scenario)
 
+
+
+def test_handlers_receive_the_call_metadata() -> None:
+    """What the caller sends as metadata (Envoy's initial_metadata) reaches the handler, per call."""
+    async def scenario(port: int) -> None:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            method = channel.unary_unary(METADATA)
+            first = await method(b"", metadata=(("x-test-a", "1"), ("x-test-a", "2")), timeout=5)
+            second = await method(b"", metadata=(("x-test-b", "3"),), timeout=5)
+            assert first == repr([("x-test-a", "1"), ("x-test-a", "2")]).encode()
+            assert second == repr([("x-test-b", "3")]).encode()
+    run(scenario)
 
 def raw_exchange(port: int, data: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:

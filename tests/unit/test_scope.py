@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from authz_server.engine.request import Workload
-from authz_server.engine.scope import applies, destination_service
+from authz_server.engine.scope import applies, destination_service, missing_identity
 from authz_server.policy.model import Attachment, TargetRef
 
 ROOT = "istio-system"
@@ -52,6 +52,38 @@ def test_waypoint_honours_only_target_refs() -> None:
                    "foo", WAYPOINT, ROOT)
     assert not applies(Attachment(None), "foo", WAYPOINT, ROOT)
     assert not applies(Attachment({"gateway.networking.k8s.io/gateway-name": "waypoint"}), "foo", WAYPOINT, ROOT)
+
+
+GATEWAY_CLASS_REF = TargetRef("gateway.networking.k8s.io", "GatewayClass", "istio")
+SERVICE_REF = TargetRef("", "Service", "reviews")
+
+
+@pytest.mark.parametrize(
+    ("attachment", "namespace", "kind", "missing"),
+    [
+        (Attachment({"app": "httpbin"}), "foo", "sidecar", "labels"),
+        (Attachment({"app": "httpbin"}), ROOT, "gateway", "labels"),  # root + selector still needs labels
+        (Attachment(None), "foo", "sidecar", None),  # namespace-wide
+        (Attachment({}), "foo", "sidecar", None),  # empty matchLabels: everything
+        (Attachment(None, (GATEWAY_REF,)), "foo", "sidecar", None),  # ignored by sidecars anyway
+        (Attachment({"app": "x"}), "foo", "waypoint", None),  # waypoints ignore selectors
+        (Attachment(None, (GATEWAY_REF,)), "foo", "waypoint", "labels"),  # gateway-name label
+        (Attachment(None, (SERVICE_REF,)), "foo", "waypoint", None),  # from the host
+        (Attachment(None, (GATEWAY_CLASS_REF,)), ROOT, "k8s-gateway", "labels"),  # gateway-class-name label
+        (Attachment({"app": "x"}), "foo", "k8s-gateway", "labels"),
+        (Attachment(None, (SERVICE_REF,)), "foo", "k8s-gateway", None),  # never applies to a gateway
+    ],
+)
+def test_what_an_unknown_label_set_leaves_undecidable(attachment, namespace, kind, missing) -> None:
+    assert missing_identity(attachment, namespace, Workload("foo", None, kind), ROOT) == missing
+    assert missing_identity(attachment, namespace, Workload("foo", {"a": "b"}, kind), ROOT) is None
+
+
+def test_an_unknown_namespace_leaves_every_namespaced_policy_undecidable() -> None:
+    unknown = Workload(None, {"app": "httpbin"})
+    assert missing_identity(Attachment(None), "foo", unknown, ROOT) == "namespace"
+    assert missing_identity(Attachment({"app": "httpbin"}), ROOT, unknown, ROOT) is None
+    assert missing_identity(Attachment({"app": "httpbin"}), ROOT, Workload(None, None), ROOT) == "labels"
 
 
 @pytest.mark.parametrize(
