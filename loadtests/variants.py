@@ -81,7 +81,9 @@ def envoy_config(
             raise ValueError(f"variant {variant.name} needs authz_port")
         settings = authz or ec.AuthzSettings(port=authz_port, max_concurrent_streams=STREAMS_PER_CONNECTION)
     workload = ec.Workload("bench", tokens.NAMESPACE, tokens.WORKLOAD_LABELS)
-    proxy = ec.Proxy(admin_port, workload, settings, access_log=False)
+    # As the Helm chart configures a sidecar: the EnvoyFilter merge sends the workload's labels.
+    proxy = ec.Proxy(admin_port, workload, settings, access_log=False,
+                     merge=ec.IdentityMerge(tokens.NAMESPACE, "sidecar"))
     config = ec.front_proxy(proxy, listen_port=listen_port, upstream=upstream or ec.Upstream(port=1))
     if upstream is None:
         _answer_directly(config)

@@ -1,11 +1,16 @@
 """Envoy bootstrap configs for the roles Istio's proxies play, each calling the authz server.
 
 The configs copy what istiod generates where it matters to the CheckRequest (SPEC sections 5, 8 and
-8.1): the sidecar's inbound listener terminates mTLS, requires a client certificate and appends to
-``x-forwarded-client-cert``; gateways use the remote address and a configurable number of trusted
-XFF hops; the ext_authz filter is gRPC, V3, fail-closed. Unlike Istio, each proxy's node metadata
-carries the workload's ``LABELS`` and the filter names them in ``bootstrap_metadata_labels_key``, so
-the CheckRequest's ``destination.labels`` tells the server which workload it decides for.
+8.1): the sidecar's inbound listener terminates mTLS (PERMISSIVE: plaintext too), requires a client
+certificate and appends to ``x-forwarded-client-cert``; gateways use the remote address and a
+configurable number of trusted XFF hops; a ``CUSTOM`` provider is an RBAC filter with shadow rules
+followed by the gRPC ext_authz filter enabled by the shadow match (``filter_enabled_metadata``),
+calling cluster ``outbound|<port>||<fqdn>``. Each proxy's node metadata carries its workload's
+``NAMESPACE`` and ``LABELS`` as Istio's does.
+
+On top of istiod's filter, :class:`IdentityMerge` is exactly what the Helm chart's EnvoyFilter
+MERGEs into it (``bootstrap_metadata_labels_key``, ``encode_raw_headers``, ``include_tls_session``,
+the proxy's ``x-authz-*`` ``initial_metadata``); ``tests/deploy`` checks the chart renders the same.
 
 Every role is the same listener/cluster/filter builders with different options; the configs are
 plain dicts, written with :func:`write_config`.
@@ -18,6 +23,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+
+from authz_server.grpc_api.workload_identity import KIND_KEY, NAMESPACE_KEY, TRUSTED_PROXIES_KEY
 
 from .pki import IssuedCert
 
@@ -55,14 +62,61 @@ class AuthzSettings:
     timeout_s: float = 2.0
     max_concurrent_streams: int | None = 16
     max_requests_per_connection: int | None = 1000
-    labels_key: str | None = LABELS_KEY
-    cluster_name: str = "outbound|9000||authz-server.istio-system.svc.cluster.local"
-    authority: str = "authz-server.istio-system.svc.cluster.local"
+    #: the provider's ``service`` (istiod names the cluster ``outbound|<port>||<service>``)
+    service: str = "authz-server.istio-system.svc.cluster.local"
+    service_port: int = 9000
     #: TLS to a server running with --tls-cert (outside the mesh); None = plaintext
     tls: UpstreamTls | None = None
-    #: ``encode_raw_headers``: every header value sent on its own (``header_map``), so repeated
-    #: headers (two Cookie lines, a token header sent twice) reach the server as Envoy saw them
-    encode_raw_headers: bool = False
+
+    @property
+    def cluster_name(self) -> str:
+        return f"outbound|{self.service_port}||{self.service}"
+
+
+@dataclass(frozen=True)
+class IdentityMerge:
+    """What the Helm chart's EnvoyFilter MERGEs into istiod's ext_authz filter of one proxy.
+
+    ``bootstrap_metadata_labels_key`` makes Envoy send the node metadata ``LABELS`` (the pod's
+    labels) as ``destination.labels``; ``encode_raw_headers`` sends repeated headers value by
+    value; ``include_tls_session`` sends the SNI; ``initial_metadata`` adds the proxy's
+    namespace, kind and trusted hops to every Check call (:mod:`authz_server.grpc_api.workload_identity`).
+    """
+
+    namespace: str
+    kind: str
+    num_trusted_proxies: int | None = None
+    labels_key: str = LABELS_KEY
+
+    def metadata(self) -> list[tuple[str, str]]:
+        """The ``x-authz-*`` entries of the Check call."""
+        entries = [(NAMESPACE_KEY, self.namespace), (KIND_KEY, self.kind)]
+        if self.num_trusted_proxies is not None:
+            entries.append((TRUSTED_PROXIES_KEY, str(self.num_trusted_proxies)))
+        return entries
+
+    def patch(self) -> Config:
+        """The ``typed_config`` fields the EnvoyFilter's MERGE sets (without ``@type``)."""
+        return {
+            "bootstrap_metadata_labels_key": self.labels_key,
+            "encode_raw_headers": True,
+            "include_tls_session": True,
+            "grpc_service": {"initial_metadata": [{"key": k, "value": v} for k, v in self.metadata()]},
+        }
+
+
+def merge_patch(base: Config, patch: Config) -> Config:
+    """Protobuf merge semantics, as Istio applies an EnvoyFilter MERGE: messages merge field by
+    field, repeated fields append, scalars are replaced."""
+    merged = dict(base)
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_patch(merged[key], value)
+        elif isinstance(value, list) and isinstance(merged.get(key), list):
+            merged[key] = [*merged[key], *value]
+        else:
+            merged[key] = value
+    return merged
 
 
 @dataclass(frozen=True)
@@ -87,12 +141,19 @@ class Upstream:
 
 @dataclass(frozen=True)
 class Proxy:
-    """What every role shares: admin port, workload identity, the authz server (None: no filter)."""
+    """What every role shares: admin port, workload identity, the authz server (None: no filter).
+
+    With *authz*, the proxy has the filters istiod renders for one ``CUSTOM`` policy named
+    *custom_policy* (in the workload's namespace, ``rules: [{}]``) plus *merge*, the chart's
+    EnvoyFilter (``None``: a proxy the EnvoyFilter does not reach).
+    """
 
     admin_port: int
     workload: Workload
     authz: AuthzSettings | None
     access_log: bool = True
+    merge: IdentityMerge | None = None
+    custom_policy: str = "ext-authz"
 
 
 def front_proxy(proxy: Proxy, *, listen_port: int, upstream: Upstream) -> Config:
@@ -100,7 +161,7 @@ def front_proxy(proxy: Proxy, *, listen_port: int, upstream: Upstream) -> Config
     return _bootstrap(
         proxy,
         "front-proxy",
-        [_listener("front", listen_port, _hcm(proxy, "front", {"*": "app"}), tls=None)],
+        [_listener("front", listen_port, [_chain(_hcm(proxy, "front", {"*": "app"}))])],
         {"app": upstream},
     )
 
@@ -108,7 +169,8 @@ def front_proxy(proxy: Proxy, *, listen_port: int, upstream: Upstream) -> Config
 def sidecar_server(
     proxy: Proxy, *, listen_port: int, app: Upstream, identity: IssuedCert, service_port: int = 8000
 ) -> Config:
-    """The server workload's inbound sidecar: mTLS with a required client cert, XFCC, ext_authz.
+    """The server workload's inbound sidecar, PERMISSIVE: mTLS with a required client cert and
+    XFCC, or plaintext (a caller outside the mesh), told apart by the TLS inspector; ext_authz.
 
     Like Istio's inbound listener: ``forward_client_cert_details: APPEND_FORWARD`` with the
     current peer's subject, URI and DNS, ``use_remote_address: false``.
@@ -121,10 +183,16 @@ def sidecar_server(
         forward_client_cert_details="APPEND_FORWARD",
         set_current_client_cert_details=_XFCC_DETAILS,
     )
-    tls = _downstream_tls(identity, require_client_cert=True)
-    return _bootstrap(
-        proxy, "sidecar", [_listener("virtualInbound", listen_port, hcm, tls)], {cluster: app}
-    )
+    chains = [
+        _chain(hcm, _downstream_tls(identity, require_client_cert=True), {"transport_protocol": "tls"}),
+        _chain(hcm, None, {"transport_protocol": "raw_buffer"}),
+    ]
+    listener = _listener("virtualInbound", listen_port, chains)
+    listener["listener_filters"] = [{
+        "name": "envoy.filters.listener.tls_inspector",
+        "typed_config": {"@type": _TYPE + "extensions.filters.listener.tls_inspector.v3.TlsInspector"},
+    }]
+    return _bootstrap(proxy, "sidecar", [listener], {cluster: app})
 
 
 def sidecar_client(
@@ -139,8 +207,22 @@ def sidecar_client(
     routes, clusters = _by_host(services, service_port)
     hcm = _hcm(proxy, f"outbound_0.0.0.0_{listen_port}", routes)
     return _bootstrap(
-        proxy, "sidecar", [_listener("virtualOutbound", listen_port, hcm, None)], clusters
+        proxy, "sidecar", [_listener("virtualOutbound", listen_port, [_chain(hcm)])], clusters
     )
+
+
+def load_balancer(proxy: Proxy, *, listen_port: int, upstream: Upstream) -> Config:
+    """A trusted L7 load balancer in front of a gateway: appends the client's address to
+    X-Forwarded-For, as a cloud load balancer does.
+
+    Envoy's own XFF append writes the node's address for loopback peers, which would make every
+    local client look alike; the LB therefore appends the direct peer's address itself.
+    """
+    xff = {"header": {"key": "x-forwarded-for", "value": "%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT%"},
+           "append_action": "APPEND_IF_EXISTS_OR_ADD"}
+    hcm = _hcm(proxy, "lb", {"*": "gateway"}, use_remote_address=False)
+    hcm["route_config"]["request_headers_to_add"] = [xff]
+    return _bootstrap(proxy, "router", [_listener("lb", listen_port, [_chain(hcm)])], {"gateway": upstream})
 
 
 def ingress_gateway(
@@ -160,7 +242,7 @@ def ingress_gateway(
     )
     tls = _downstream_tls(server_cert, require_client_cert=False)
     return _bootstrap(
-        proxy, "router", [_listener("gateway-https", listen_port, hcm, tls)],
+        proxy, "router", [_listener("gateway-https", listen_port, [_chain(hcm, tls)])],
         {"ingress-upstream": upstream},
     )
 
@@ -188,7 +270,7 @@ def egress_gateway(
         **_gateway_options(xff_num_trusted_hops),
     )
     tls = _downstream_tls(identity, require_client_cert=True) if identity else None
-    return _bootstrap(proxy, "router", [_listener("egress", listen_port, hcm, tls)], clusters)
+    return _bootstrap(proxy, "router", [_listener("egress", listen_port, [_chain(hcm, tls)])], clusters)
 
 
 def write_config(config: Config, path: Path) -> Path:
@@ -247,7 +329,7 @@ def _bootstrap(
     }
 
 
-def _listener(name: str, port: int, hcm: Config, tls: Config | None) -> Config:
+def _chain(hcm: Config, tls: Config | None = None, match: Config | None = None) -> Config:
     chain: Config = {
         "filters": [
             {
@@ -256,9 +338,15 @@ def _listener(name: str, port: int, hcm: Config, tls: Config | None) -> Config:
             }
         ]
     }
+    if match is not None:
+        chain["filter_chain_match"] = match
     if tls is not None:
         chain["transport_socket"] = tls
-    return {"name": name, "address": _address("127.0.0.1", port), "filter_chains": [chain]}
+    return chain
+
+
+def _listener(name: str, port: int, chains: list[Config]) -> Config:
+    return {"name": name, "address": _address("127.0.0.1", port), "filter_chains": chains}
 
 
 def _hcm(
@@ -276,7 +364,7 @@ def _hcm(
         }
         for domain, cluster in routes.items()
     ]
-    filters = [_ext_authz_filter(proxy.authz)] if proxy.authz is not None else []
+    filters = custom_provider_filters(proxy) if proxy.authz is not None else []
     filters.append(
         {
             "name": "envoy.filters.http.router",
@@ -301,22 +389,50 @@ def _hcm(
     return hcm
 
 
-def _ext_authz_filter(authz: AuthzSettings) -> Config:
-    """The filter as istiod renders an ``envoyExtAuthzGrpc`` provider, plus the labels key."""
+EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
+EXT_AUTHZ_TYPE = _TYPE + "extensions.filters.http.ext_authz.v3.ExtAuthz"
+
+
+def custom_provider_filters(proxy: Proxy) -> list[Config]:
+    """istiod's filters for one ``CUSTOM`` policy with ``rules: [{}]`` (SPEC 8): an RBAC filter
+    whose shadow rule matches every request, then ext_authz enabled by that shadow match, then
+    the EnvoyFilter's merge (if it reaches this proxy)."""
+    assert proxy.authz is not None
+    policy_id = f"istio-ext-authz-ns[{proxy.workload.namespace}]-policy[{proxy.custom_policy}]-rule[0]"
+    rbac = {
+        "name": "envoy.filters.http.rbac",
+        "typed_config": {
+            "@type": _TYPE + "extensions.filters.http.rbac.v3.RBAC",
+            "shadow_rules": {"action": "DENY", "policies": {policy_id: {
+                "permissions": [{"and_rules": {"rules": [{"any": True}]}}],
+                "principals": [{"and_ids": {"ids": [{"any": True}]}}],
+            }}},
+            "shadow_rules_stat_prefix": "istio_ext_authz_",
+        },
+    }
+    ext_authz = istiod_ext_authz_filter(proxy.authz)
+    if proxy.merge is not None:
+        ext_authz = merge_patch(ext_authz, {"typed_config": proxy.merge.patch()})
+    return [rbac, ext_authz]
+
+
+def istiod_ext_authz_filter(authz: AuthzSettings) -> Config:
+    """The ext_authz filter as istiod renders an ``envoyExtAuthzGrpc`` provider (no EnvoyFilter)."""
     config: Config = {
-        "@type": _TYPE + "extensions.filters.http.ext_authz.v3.ExtAuthz",
+        "@type": EXT_AUTHZ_TYPE,
         "transport_api_version": "V3",
         "failure_mode_allow": False,
+        "filter_enabled_metadata": {
+            "filter": "envoy.filters.http.rbac",
+            "path": [{"key": "istio_ext_authz_shadow_effective_policy_id"}],
+            "value": {"string_match": {"prefix": "istio-ext-authz"}},
+        },
         "grpc_service": {
-            "envoy_grpc": {"cluster_name": authz.cluster_name, "authority": authz.authority},
+            "envoy_grpc": {"cluster_name": authz.cluster_name, "authority": authz.service},
             "timeout": _duration(authz.timeout_s),
         },
     }
-    if authz.labels_key is not None:
-        config["bootstrap_metadata_labels_key"] = authz.labels_key
-    if authz.encode_raw_headers:
-        config["encode_raw_headers"] = True
-    return {"name": "envoy.filters.http.ext_authz", "typed_config": config}
+    return {"name": EXT_AUTHZ_FILTER, "typed_config": config}
 
 
 def _authz_cluster(authz: AuthzSettings) -> Config:

@@ -7,6 +7,7 @@ role independently of the project's own server.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from concurrent import futures
@@ -20,7 +21,7 @@ from google.rpc import code_pb2, status_pb2
 
 from authz_server.demo.envoy_config import AuthzSettings
 from authz_server.demo.processes import ProcessGroup
-from authz_server.demo.topology import Mesh, start_mesh
+from authz_server.demo.topology import SERVER_SIDECARS, Mesh, start_mesh
 from authz_server.demo.upstream import EchoUpstream
 
 TEST_ID_HEADER = "x-test-id"
@@ -28,12 +29,25 @@ EXTERNAL_HOST = "api.external.example"
 OTHER_EXTERNAL_HOST = "other.external.example"
 
 
+def check_headers(request: external_auth_pb2.CheckRequest) -> dict[str, str]:
+    """The request headers of a CheckRequest, whether Envoy sent them joined (``headers``) or
+    value by value (``header_map``, with ``encode_raw_headers``); repeated values joined by ``,``."""
+    http = request.attributes.request.http
+    if not http.header_map.headers:
+        return dict(http.headers)
+    joined: dict[str, str] = {}
+    for entry in http.header_map.headers:
+        value = entry.value or entry.raw_value.decode()
+        joined[entry.key] = f"{joined[entry.key]},{value}" if entry.key in joined else value
+    return joined
+
+
 class RecordingAuthz(external_auth_pb2_grpc.AuthorizationServicer):
-    """Allows every Check, records the request and the caller's connection (gRPC peer)."""
+    """Allows every Check, records the request, the call's metadata and the caller's connection."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._checks: list[tuple[external_auth_pb2.CheckRequest, str]] = []
+        self._checks: list[tuple[external_auth_pb2.CheckRequest, str, dict[str, str]]] = []
         self.delay_s = 0.0
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(self, self._server)
@@ -42,8 +56,9 @@ class RecordingAuthz(external_auth_pb2_grpc.AuthorizationServicer):
     def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.ServicerContext
     ) -> external_auth_pb2.CheckResponse:
+        metadata = {k: v for k, v in context.invocation_metadata() if k.startswith("x-authz-")}
         with self._lock:
-            self._checks.append((request, context.peer()))
+            self._checks.append((request, context.peer(), metadata))
         if self.delay_s:
             time.sleep(self.delay_s)
         return external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK))
@@ -51,18 +66,18 @@ class RecordingAuthz(external_auth_pb2_grpc.AuthorizationServicer):
     def checks_for(self, test_id: str) -> list[external_auth_pb2.CheckRequest]:
         """CheckRequests of the requests that carried ``x-test-id: <test_id>``, in arrival order."""
         with self._lock:
-            return [
-                request for request, _ in self._checks
-                if request.attributes.request.http.headers.get(TEST_ID_HEADER) == test_id
-            ]
+            return [request for request, _, _ in self._checks if check_headers(request).get(TEST_ID_HEADER) == test_id]
+
+    def metadata_for(self, test_id: str) -> list[dict[str, str]]:
+        """The ``x-authz-*`` call metadata of those Checks, in the same order."""
+        with self._lock:
+            return [meta for request, _, meta in self._checks
+                    if check_headers(request).get(TEST_ID_HEADER) == test_id]
 
     def peers_for(self, test_id: str) -> set[str]:
         """The distinct connections (client ip:port) those CheckRequests came over."""
         with self._lock:
-            return {
-                peer for request, peer in self._checks
-                if request.attributes.request.http.headers.get(TEST_ID_HEADER) == test_id
-            }
+            return {peer for request, peer, _ in self._checks if check_headers(request).get(TEST_ID_HEADER) == test_id}
 
     def __enter__(self) -> "RecordingAuthz":
         self._server.start()
@@ -79,9 +94,15 @@ def recorder() -> Iterator[RecordingAuthz]:
 
 
 @pytest.fixture(scope="session")
-def app() -> Iterator[EchoUpstream]:
-    with EchoUpstream("httpbin") as upstream:
-        yield upstream
+def apps() -> Iterator[dict[str, EchoUpstream]]:
+    """One echo app per server workload, named after it (httpbin, admin-api, legacy)."""
+    with contextlib.ExitStack() as stack:
+        yield {name: stack.enter_context(EchoUpstream(name)) for name in SERVER_SIDECARS}
+
+
+@pytest.fixture(scope="session")
+def app(apps: dict[str, EchoUpstream]) -> EchoUpstream:
+    return apps["httpbin"]
 
 
 @pytest.fixture(scope="session")
@@ -105,7 +126,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def mesh(
     workdir: Path,
     recorder: RecordingAuthz,
-    app: EchoUpstream,
+    apps: dict[str, EchoUpstream],
     external: EchoUpstream,
     other_external: EchoUpstream,
 ) -> Iterator[Mesh]:
@@ -114,7 +135,6 @@ def mesh(
         yield start_mesh(
             group,
             AuthzSettings(port=recorder.port),
-            app_port=app.port,
+            apps={name: upstream.port for name, upstream in apps.items()},
             external_hosts={EXTERNAL_HOST: external.port, OTHER_EXTERNAL_HOST: other_external.port},
-            xff_num_trusted_hops=1,
         )

@@ -80,8 +80,10 @@ def proxies(tmp_path_factory: pytest.TempPathFactory, idp: IdentityProvider) -> 
         authz_port = free_port()
         group.start_authz_server(policies, authz_port, ["--workload-namespace", "default", "--decision-log", "off"])
         for name in ("raw", "istio"):
-            settings = ec.AuthzSettings(port=authz_port, encode_raw_headers=name == "raw")
-            proxy = ec.Proxy(free_port(), ec.Workload("front", "default", {"app": "front"}), settings)
+            # raw: the chart's identity EnvoyFilter merge (encode_raw_headers among it); istio: istiod's filter
+            merge = ec.IdentityMerge("default", "sidecar") if name == "raw" else None
+            proxy = ec.Proxy(free_port(), ec.Workload("front", "default", {"app": "front"}),
+                             ec.AuthzSettings(port=authz_port), merge=merge)
             group.start_envoy(name, ec.front_proxy(proxy, listen_port=ports[name], upstream=ec.Upstream(app.port)))
         yield ports
 

@@ -1,8 +1,9 @@
 """The demo topology kit, proved through real Envoy processes.
 
-Most tests run against the recording Check server (allow-all), so they assert what Envoy sends in
-each Istio role — principals from real mTLS handshakes, labels from node metadata, XFF and XFCC —
-and that requests reach the right upstream. The last test runs the project's own server.
+The tests run against the recording Check server (allow-all), so they assert what Envoy sends in
+each Istio role — principals from real mTLS handshakes, labels from node metadata, the
+EnvoyFilter's call metadata, XFF and XFCC — and that requests reach the right upstream. The
+project's own server behind the same mesh is ``test_one_release.py``.
 """
 
 from __future__ import annotations
@@ -38,16 +39,18 @@ from authz_server.demo.topology import (
     HTTPBIN_ID,
     INGRESS,
     INGRESS_ID,
+    LEGACY,
+    ROLES,
     SERVICE_HOST,
     SLEEP_ID,
     Mesh,
-    start_mesh,
 )
 from authz_server.demo.upstream import EchoUpstream
 
-from .conftest import EXTERNAL_HOST, OTHER_EXTERNAL_HOST, TEST_ID_HEADER, RecordingAuthz
+from .conftest import EXTERNAL_HOST, OTHER_EXTERNAL_HOST, TEST_ID_HEADER, RecordingAuthz, check_headers
 
 FRONT = ec.Workload("front", "default", {"app": "front"})
+FRONT_MERGE = ec.IdentityMerge("default", "sidecar")
 
 
 def _tagged(port: int, path: str = "/", **kwargs: Any) -> tuple[str, Reply]:
@@ -57,10 +60,13 @@ def _tagged(port: int, path: str = "/", **kwargs: Any) -> tuple[str, Reply]:
     return test_id, request(port, path, headers=headers, **kwargs)
 
 
-def _start_front(group: ProcessGroup, upstream_port: int, authz: ec.AuthzSettings | None) -> int:
+def _start_front(
+    group: ProcessGroup, upstream_port: int, authz: ec.AuthzSettings | None,
+    merge: ec.IdentityMerge | None = FRONT_MERGE,
+) -> int:
     listen_port = free_port()
     config = ec.front_proxy(
-        ec.Proxy(free_port(), FRONT, authz), listen_port=listen_port, upstream=ec.Upstream(upstream_port)
+        ec.Proxy(free_port(), FRONT, authz, merge=merge), listen_port=listen_port, upstream=ec.Upstream(upstream_port)
     )
     group.start_envoy(f"front-{listen_port}", config)
     return listen_port
@@ -96,15 +102,35 @@ def test_front_proxy_without_authz_forwards(tmp_path: Path, app: EchoUpstream) -
 def test_front_proxy_checks_each_request(
     tmp_path: Path, app: EchoUpstream, recorder: RecordingAuthz
 ) -> None:
+    """istiod's CUSTOM filters (RBAC shadow rule + filter_enabled_metadata) call the provider for
+    every request; the EnvoyFilter merge adds labels, raw headers and the x-authz-* call metadata."""
     with ProcessGroup(tmp_path) as group:
         port = _start_front(group, app.port, ec.AuthzSettings(port=recorder.port))
-        test_id, reply = _tagged(port, path="/a/b?q=1", host="svc.example.com")
+        test_id, reply = _tagged(port, path="/a/b?q=1", host="svc.example.com", headers={"x-role": ["a", "b"]})
     assert reply.status == 200
     [check] = recorder.checks_for(test_id)
     http = check.attributes.request.http
     assert (http.method, http.path, http.host) == ("GET", "/a/b?q=1", "svc.example.com")
     assert dict(check.attributes.destination.labels) == dict(FRONT.labels)
     assert check.attributes.source.principal == ""
+    assert not http.headers  # encode_raw_headers: every value on its own
+    assert [(h.key, h.raw_value) for h in http.header_map.headers if h.key == "x-role"] == [
+        ("x-role", b"a"), ("x-role", b"b")]
+    assert recorder.metadata_for(test_id) == [dict(FRONT_MERGE.metadata())]
+
+
+def test_without_the_merge_envoy_sends_what_istiod_configures(
+    tmp_path: Path, app: EchoUpstream, recorder: RecordingAuthz
+) -> None:
+    """The baseline the EnvoyFilter fixes: no labels, repeated headers joined, no metadata."""
+    with ProcessGroup(tmp_path) as group:
+        port = _start_front(group, app.port, ec.AuthzSettings(port=recorder.port), merge=None)
+        test_id, reply = _tagged(port, headers={"x-role": ["admin", "user"]})
+    assert reply.status == 200
+    [check] = recorder.checks_for(test_id)
+    assert not check.attributes.destination.labels and not check.attributes.request.http.header_map.headers
+    assert check.attributes.request.http.headers["x-role"] == "admin,user"
+    assert recorder.metadata_for(test_id) == [{}]
 
 
 def test_front_proxy_fails_closed_when_authz_is_down(tmp_path: Path, app: EchoUpstream) -> None:
@@ -124,9 +150,34 @@ def test_sidecars_carry_the_client_identity_over_mtls(
     assert attributes.source.principal == SLEEP_ID
     assert attributes.destination.principal == HTTPBIN_ID
     assert dict(attributes.destination.labels) == dict(HTTPBIN.labels)
-    xfcc = attributes.request.http.headers["x-forwarded-client-cert"]
+    assert recorder.metadata_for(test_id) == [dict(ROLES["httpbin"].merge.metadata())]
+    xfcc = check_headers(check)["x-forwarded-client-cert"]
     assert f"URI={SLEEP_ID}" in xfcc and xfcc.startswith(f"By={HTTPBIN_ID};")
     assert reply.json()["headers"]["x-forwarded-client-cert"] == xfcc
+
+
+def test_a_plaintext_caller_is_identified_by_the_proxys_metadata(
+    mesh: Mesh, recorder: RecordingAuthz
+) -> None:
+    """PERMISSIVE: a caller outside the mesh reaches the sidecar in plaintext. No certificate
+    names anyone, yet the Check still says which workload it is for."""
+    test_id, reply = _tagged(mesh.httpbin_sidecar_port, path="/get", host=SERVICE_HOST)
+    assert reply.status == 200 and reply.json()["name"] == "httpbin"
+    [check] = recorder.checks_for(test_id)
+    assert check.attributes.source.principal == "" and check.attributes.destination.principal == ""
+    assert dict(check.attributes.destination.labels) == dict(HTTPBIN.labels)
+    assert recorder.metadata_for(test_id)[0]["x-authz-workload-namespace"] == "foo"
+
+
+def test_a_sidecar_the_envoyfilter_misses_sends_no_workload_identity(
+    mesh: Mesh, recorder: RecordingAuthz
+) -> None:
+    test_id, reply = _tagged(mesh.sleep_sidecar_port, path="/get", host=ROLES["legacy"].host)
+    assert reply.status == 200 and reply.json()["name"] == "legacy"
+    [check] = recorder.checks_for(test_id)
+    assert check.attributes.destination.principal == ROLES["legacy"].spiffe  # mTLS: namespace only
+    assert not check.attributes.destination.labels and LEGACY.labels
+    assert recorder.metadata_for(test_id) == [{}]
 
 
 def test_server_sidecar_requires_a_client_certificate(mesh: Mesh) -> None:
@@ -147,7 +198,9 @@ def test_ingress_gateway_terminates_tls_and_appends_xff(
     assert gateway.attributes.source.principal == ""
     assert gateway.attributes.destination.principal == mesh.ingress_host
     assert dict(gateway.attributes.destination.labels) == dict(INGRESS.labels)
-    headers = gateway.attributes.request.http.headers
+    assert gateway.attributes.tls_session.sni == mesh.ingress_host  # include_tls_session
+    assert recorder.metadata_for(test_id)[0] == dict(ROLES["ingress"].merge.metadata())
+    headers = check_headers(gateway)
     assert headers[":scheme"] == "https" and headers[":authority"] == mesh.ingress_host
     xff = headers["x-forwarded-for"].split(",")
     # The peer is appended (on loopback Envoy writes its node address, not 127.0.0.1); with one
@@ -157,6 +210,21 @@ def test_ingress_gateway_terminates_tls_and_appends_xff(
     assert sidecar.attributes.source.principal == INGRESS_ID
     assert sidecar.attributes.destination.principal == HTTPBIN_ID
     assert reply.json()["headers"]["x-forwarded-for"] == headers["x-forwarded-for"]
+
+
+def test_the_load_balancer_appends_the_real_client_address(
+    mesh: Mesh, recorder: RecordingAuthz
+) -> None:
+    """Through the trusted LB, from another loopback address, with a spoofed XFF entry: the
+    gateway's trusted client address (Envoy's own x-envoy-external-address) is the LB's entry."""
+    test_id, reply = _tagged(mesh.lb_port, path="/get", host=mesh.ingress_host, source="127.0.0.2",
+                             headers={"x-forwarded-for": "203.0.113.7"})
+    assert reply.status == 200
+    gateway, _ = recorder.checks_for(test_id)
+    headers = check_headers(gateway)
+    xff = [e.strip() for e in headers["x-forwarded-for"].split(",")]
+    assert xff[:2] == ["203.0.113.7", "127.0.0.2"] and len(xff) == 3
+    assert headers["x-envoy-external-address"] == "127.0.0.2"
 
 
 def test_egress_gateway_routes_by_host_and_sees_the_client(
@@ -170,6 +238,7 @@ def test_egress_gateway_routes_by_host_and_sees_the_client(
         EXTERNAL_HOST: "external", OTHER_EXTERNAL_HOST: "other-external"
     }
     [check] = recorder.checks_for(replies[EXTERNAL_HOST][0])
+    assert recorder.metadata_for(replies[EXTERNAL_HOST][0])[0] == dict(ROLES["egress"].merge.metadata())
     assert check.attributes.request.http.host == EXTERNAL_HOST
     assert check.attributes.source.principal == SLEEP_ID
     assert check.attributes.destination.principal == EGRESS_ID
@@ -231,68 +300,6 @@ def test_grpc_serving_probe(recorder: RecordingAuthz) -> None:
     # The recorder has no health service: reachable but not SERVING.
     assert not grpc_serving(f"127.0.0.1:{recorder.port}")
     assert not grpc_serving(f"127.0.0.1:{free_port()}")
-
-
-_POLICIES = textwrap.dedent(
-    """\
-    apiVersion: security.istio.io/v1
-    kind: AuthorizationPolicy
-    metadata: {name: httpbin-callers, namespace: foo}
-    spec:
-      selector: {matchLabels: {app: httpbin}}
-      action: ALLOW
-      rules:
-      - from: [{source: {principals: ["cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account"]}}]
-        to: [{operation: {notPaths: ["/admin*"]}}]
-    ---
-    apiVersion: security.istio.io/v1
-    kind: AuthorizationPolicy
-    metadata: {name: gateway-blocks, namespace: istio-system}
-    spec:
-      selector: {matchLabels: {istio: ingressgateway}}
-      action: DENY
-      rules: [{to: [{operation: {paths: ["/blocked"]}}]}]
-    """
-)
-
-
-def test_real_servers_decide_per_role(
-    tmp_path: Path, app: EchoUpstream, external: EchoUpstream
-) -> None:
-    """The project's server behind the mesh, one per role as deployed.
-
-    The gateway's server denies by the gateway's labels (from ``destination.labels``); the
-    sidecar's server allows the ingress identity and denies sleep, by mTLS principal.
-    """
-    pytest.importorskip("authz_server.cli", reason="the server's CLI is not written yet")
-    policies = tmp_path / "policies.yaml"
-    policies.write_text(_POLICIES)
-    sidecar_port, gateway_port = free_port(), free_port()
-    with ProcessGroup(tmp_path) as group:
-        group.start_authz_server(policies, sidecar_port, name="authz-sidecar")
-        group.start_authz_server(
-            policies, gateway_port,
-            ["--workload-kind", "gateway", "--workload-namespace", "istio-system"],
-            name="authz-gateway",
-        )
-        mesh = start_mesh(
-            group, ec.AuthzSettings(port=sidecar_port), app_port=app.port,
-            external_hosts={EXTERNAL_HOST: external.port},
-            authz_by_role={"ingress": ec.AuthzSettings(port=gateway_port)},
-        )
-        replies = {
-            path: request(mesh.ingress_port, path, tls=mesh.ingress_tls())
-            for path in ("/get", "/admin", "/blocked")
-        }
-        from_sleep = request(mesh.sleep_sidecar_port, "/get", host=SERVICE_HOST)
-    assert replies["/get"].status == 200
-    denied = (403, b"RBAC: access denied")
-    assert (replies["/admin"].status, replies["/admin"].body) == denied
-    assert (replies["/blocked"].status, replies["/blocked"].body) == denied
-    # Which server denied: the gateway's by its DENY policy, the sidecar's for want of an ALLOW.
-    assert "gateway-blocks" in replies["/blocked"].headers.get("x-ext-authz-policy", "")
-    assert "gateway-blocks" not in replies["/admin"].headers.get("x-ext-authz-policy", "")
-    assert (from_sleep.status, from_sleep.body) == denied
 
 
 _SUPERVISOR = textwrap.dedent(
