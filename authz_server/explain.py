@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 import yaml
 from envoy.config.core.v3.address_pb2 import Address, SocketAddress
+from envoy.config.core.v3.base_pb2 import HeaderValue
 from envoy.service.auth.v3.attribute_context_pb2 import AttributeContext
 from envoy.service.auth.v3.external_auth_pb2 import CheckRequest
 
@@ -23,7 +24,8 @@ from authz_server.engine.scope import destination_service
 from authz_server.grpc_api.check_request import RequestContextSettings, to_attributes
 from authz_server.grpc_api.workload_identity import BadProxyMetadata, Metadata, proxy_identity
 
-REQUEST_FIELDS = ("method", "host", "path", "headers", "source", "destination", "sni", "metadata")
+REQUEST_FIELDS = ("method", "host", "path", "headers", "source", "destination", "sni", "metadata",
+                  "encode_raw_headers")
 
 
 class RequestDescriptionError(ValueError):
@@ -35,7 +37,8 @@ def check_request_from_description(doc: Any) -> CheckRequest:
 
     Fields: ``method``, ``host``, ``path`` (with query), ``headers`` (name: value or list of
     values, joined with ``,`` as Envoy does), ``source: {principal, address, port}``,
-    ``destination: {principal, address, port, labels}``, ``sni``.
+    ``destination: {principal, address, port, labels}``, ``sni``; ``encode_raw_headers: true``
+    sends the headers value by value (``header_map``), as Envoy does with that filter option.
     """
     if not isinstance(doc, Mapping):
         raise RequestDescriptionError("request description must be an object")
@@ -45,16 +48,20 @@ def check_request_from_description(doc: Any) -> CheckRequest:
     raw_headers = doc.get("headers") or {}
     if not isinstance(raw_headers, Mapping):
         raise RequestDescriptionError("headers must be an object: name -> value or list of values")
-    headers: dict[str, str] = {}
-    for name, value in raw_headers.items():
-        values = value if isinstance(value, list) else [value]
-        headers[str(name).lower()] = ",".join(str(v) for v in values)
     method = str(doc.get("method", "GET"))
     host = str(doc.get("host", ""))
     path = str(doc.get("path", "/"))
-    headers.update({":method": method, ":path": path, ":authority": host})
-    http = AttributeContext.HttpRequest(method=method, host=host, path=path, headers=headers,
+    values: dict[str, list[str]] = {}
+    for name, value in raw_headers.items():
+        values[str(name).lower()] = [str(v) for v in (value if isinstance(value, list) else [value])]
+    values.update({":method": [method], ":path": [path], ":authority": [host]})
+    headers = {name: ",".join(vs) for name, vs in values.items()}
+    http = AttributeContext.HttpRequest(method=method, host=host, path=path,
                                         scheme=headers.get("x-forwarded-proto", "http"), protocol="HTTP/1.1")
+    if doc.get("encode_raw_headers"):
+        http.header_map.headers.extend(HeaderValue(key=k, raw_value=v.encode()) for k, vs in values.items() for v in vs)
+    else:
+        http.headers.update(headers)
     source = _peer(doc.get("source") or {}, "source")
     destination = _peer(doc.get("destination") or {}, "destination")
     attrs = AttributeContext(source=source, destination=destination, request=AttributeContext.Request(http=http))

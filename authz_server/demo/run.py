@@ -1,9 +1,9 @@
 """``authz-server demo``: the local mesh, the example policies and a scripted tour, on loopback.
 
-Starts a local IdP (:mod:`.idp`), the "httpbin" app and an "external" stand-in, one authz server
-per role as deployed (ingress gateway, httpbin's sidecar, egress gateway) on the policies of
-``examples/demo`` and the mesh of real Envoys (:mod:`.topology`); then sends the requests of
-:mod:`.scenario` and prints who decided each one. Every child is stopped on the way out, whether
+Starts a local IdP (:mod:`.idp`), the apps (httpbin, admin-api, legacy) and an "external"
+stand-in, ONE authz server on the policies of ``examples/demo`` — as one release serves a whole
+mesh: no static workload flags, every Check says which proxy sent it — and the mesh of real Envoys
+(:mod:`.topology`); then sends the requests of :mod:`.scenario` and prints who decided each one. Every child is stopped on the way out, whether
 the script ends, fails, or is interrupted (Ctrl-C or SIGTERM).
 """
 
@@ -27,34 +27,21 @@ from .idp import IdentityProvider
 from .pki import make_ca
 from .processes import ProcessError, ProcessGroup, exit_on_sigterm, free_port
 from .report import render
-from .scenario import ALLOWED_HOST, BLOCKED_HOST, INGRESS_HOST, Explainer, run_step, script
-from .topology import SERVICE_HOST, Mesh, start_mesh
+from .scenario import ADMIN_HOST, ALLOWED_HOST, BLOCKED_HOST, INGRESS_HOST, LEGACY_HOST, Explainer, run_step, script
+from .topology import SERVER_SIDECARS, SERVICE_HOST, Mesh, start_mesh
 from .upstream import EchoUpstream
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "demo"
 """The checked-in policy templates (``$issuer``, ``$jwks_uri`` are filled in per run)."""
 
-_SERVERS: dict[str, list[str]] = {
-    "gateway": ["--workload-kind", "gateway", "--workload-namespace", "istio-system",
-                "--workload-labels", "istio=ingressgateway,app=istio-ingressgateway"],
-    "sidecar": [],
-    "egress": ["--workload-kind", "gateway", "--workload-namespace", "istio-system",
-               "--workload-labels", "istio=egressgateway,app=istio-egressgateway"],
-}
-"""One server per role, as deployed per gateway and sidecar-local; the sidecar's namespace comes from
-Envoy's ``destination.principal``."""
-
-_ROLE_OF_SERVER = {"gateway": "ingress", "sidecar": "httpbin", "egress": "egress"}
-
-
 @dataclass(frozen=True)
 class Demo:
-    """A running demo: the mesh, the IdP and the authz servers' ports, by server name."""
+    """A running demo: the mesh, the IdP and the authz server's port."""
 
     workdir: Path
     mesh: Mesh
     idp: IdentityProvider
-    servers: dict[str, int]
+    server_port: int
 
 
 def run_demo(workdir: Path | None, keep_running: bool) -> int:
@@ -87,7 +74,7 @@ def _run_demo(workdir: Path, keep_running: bool) -> int:
             with ExitStack() as stack:
                 demo = _start(stack, workdir)
                 print(f"mesh ready in {time.monotonic() - started:.1f}s; sending requests\n", flush=True)
-                with Explainer(demo.servers) as explainer:
+                with Explainer(demo.server_port) as explainer:
                     outcomes = [run_step(step, demo.mesh, explainer) for step in script(demo.idp)]
                 print(render(outcomes))
                 _print_logs(workdir)
@@ -114,21 +101,19 @@ def _start(stack: ExitStack, workdir: Path) -> Demo:
     group = stack.enter_context(ProcessGroup(workdir))
     idp = stack.enter_context(IdentityProvider(make_ca(workdir / "idp")))
     policies = render_policies(workdir / "policies", idp)
-    httpbin = stack.enter_context(EchoUpstream("httpbin"))
+    apps = {name: stack.enter_context(EchoUpstream(name)).port for name in SERVER_SIDECARS}
     external = stack.enter_context(EchoUpstream("external"))
-    common = ["--jwks-ca-bundle", str(idp.ca_path), "--grace-period", "1", "--log-level", _server_log_level()]
-    servers = {name: free_port() for name in _SERVERS}
-    for name, args in _SERVERS.items():
-        group.start_authz_server(policies, servers[name], [*common, *args], name=f"authz-{name}")
+    port = free_port()
+    group.start_authz_server(policies, port, ["--jwks-ca-bundle", str(idp.ca_path), "--grace-period", "1",
+                                              "--log-level", _server_log_level()])
     mesh = start_mesh(
         group,
-        None,
-        app_port=httpbin.port,
+        ec.AuthzSettings(port=port),
+        apps=apps,
         external_hosts={ALLOWED_HOST: external.port, BLOCKED_HOST: external.port},
         ingress_host=INGRESS_HOST,
-        authz_by_role={_ROLE_OF_SERVER[name]: ec.AuthzSettings(port=port) for name, port in servers.items()},
     )
-    return Demo(workdir, mesh, idp, servers)
+    return Demo(workdir, mesh, idp, port)
 
 
 def render_policies(directory: Path, idp: IdentityProvider) -> Path:
@@ -166,22 +151,22 @@ def _serve_until_interrupted(demo: Demo) -> None:
         path = tokens / f"{name}.jwt"
         path.touch(mode=0o600)
         path.write_text(demo.idp.mint({"group": group}, subject=name, expires_in_s=3600))
-    ingress = f"https://{INGRESS_HOST}:{mesh.ingress_port}"
-    curl_ingress = (f"curl -si --cacert {mesh.ca.cert_path} "
-                    f"--resolve {INGRESS_HOST}:{mesh.ingress_port}:127.0.0.1")
+    ingress = f"http://127.0.0.1:{mesh.lb_port}"
     sleep = f"http://127.0.0.1:{mesh.sleep_sidecar_port}"
-    servers = ", ".join(f"{name} 127.0.0.1:{port}" for name, port in demo.servers.items())
     print(f"""
 The mesh keeps running; press Ctrl-C to stop it.
-  ingress gateway  {ingress}  (TLS; test CA {mesh.ca.cert_path})
+  load balancer    {ingress}  (in front of the ingress gateway, TLS with test CA {mesh.ca.cert_path})
   sleep's sidecar  {sleep}  (outbound; the Host header picks the service)
   IdP              {demo.idp.issuer}  (tokens valid 1 h in {tokens}/)
-  authz servers    {servers}  (gRPC; Diagnostics Explain on the same port)
+  authz server     127.0.0.1:{demo.server_port}  (gRPC; Diagnostics Explain on the same port; one for all proxies)
 Try:
-  {curl_ingress} -H "authorization: Bearer $(cat {tokens}/admin.jwt)" {ingress}/admin/settings
-  {curl_ingress} -H "authorization: Bearer $(cat {tokens}/user.jwt)" {ingress}/admin/settings
+  curl -si -H 'host: {INGRESS_HOST}' -H "authorization: Bearer $(cat {tokens}/admin.jwt)" {ingress}/admin/settings
+  curl -si -H 'host: {INGRESS_HOST}' -H "authorization: Bearer $(cat {tokens}/user.jwt)" {ingress}/admin/settings
   curl -si -H 'host: {SERVICE_HOST}' {sleep}/get
+  curl -si -H 'host: {ADMIN_HOST}' -H 'x-role: user' -H 'x-role: admin' {sleep}/status
+  curl -si -H 'host: {LEGACY_HOST}' {sleep}/get
   curl -si -H 'host: {BLOCKED_HOST}' {sleep}/
+  (decision log, one line per Check with the workload: {demo.workdir / 'authz-server.log'})
 """, flush=True)
     # Short sleeps: a signal may be delivered to another thread (the IdP's, the echo apps'), and
     # Python runs its handler only when the main thread next runs — a long sleep would delay

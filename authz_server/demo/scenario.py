@@ -1,11 +1,11 @@
 """The demo's scripted requests: what each sends, what it must get, and which policy decided.
 
 A request goes through the real Envoys, so its status is what Istio's proxies would answer. The
-*why* comes from the authz servers themselves: each proxy hop that checked the request is
-described to that hop's server over the Diagnostics ``Explain`` RPC, which runs the same
-authenticator and engine as a live Check. The first hop that denies decided; otherwise the last
-hop did. Explain's status is compared with the real one, so a disagreement shows instead of a
-misleading reason.
+*why* comes from the authz server itself: each proxy hop that checked the request is described
+to the server over the Diagnostics ``Explain`` RPC — as that proxy sends it, call metadata
+included — which runs the same authenticator and engine as a live Check. The first hop that
+denies decided; otherwise the last hop did. Explain's status (and policy header) is compared
+with the real one, so a disagreement shows instead of a misleading reason.
 """
 
 from __future__ import annotations
@@ -22,49 +22,66 @@ from authz_server._proto import diagnostics_pb2, diagnostics_pb2_grpc
 
 from .client import Reply, request
 from .idp import IdentityProvider
-from .topology import (
-    EGRESS, EGRESS_ID, HTTPBIN, HTTPBIN_ID, INGRESS, INGRESS_ID, SERVICE_HOST, SLEEP_ID, Mesh,
-)
+from .topology import INGRESS_ID, ROLES, SERVER_SIDECARS, SERVICE_HOST, SLEEP_ID, Mesh, Role
 
 INGRESS_HOST = "www.example.com"
 ALLOWED_HOST = "api.allowed.example"
 BLOCKED_HOST = "api.blocked.example"
+ADMIN_HOST = ROLES["admin-api"].host
+LEGACY_HOST = ROLES["legacy"].host
 CLAIM_HEADER = "x-jwt-group"
 POLICY_HEADER = "x-ext-authz-policy"
+CLIENT_ADDRESS = "127.0.0.2"
+BANNED_ADDRESS = "127.0.0.3"
+"""Loopback addresses standing for two clients on the internet (the demo bans the second)."""
 
-Entry = Literal["ingress", "sleep"]
-"""Where a request enters: a client outside (ingress gateway, TLS) or the sleep app's sidecar."""
+Entry = Literal["lb", "sleep", "outside"]
+"""Where a request enters: a client on the internet (the load balancer in front of the ingress
+gateway), the sleep app's sidecar (mTLS onwards), or a caller outside the mesh talking plaintext
+straight to a server sidecar (PERMISSIVE)."""
+
+_HOPS = {"ingress": "ingress gateway", "egress": "egress gateway",
+         **{name: f"{name} sidecar" for name in SERVER_SIDECARS}}
+_HOST_ROLE = {ROLES[name].host: name for name in SERVER_SIDECARS}
 
 
 @dataclass(frozen=True)
 class Hop:
-    """A proxy on a request's path that calls an authz server, as Envoy describes itself there."""
+    """A proxy on a request's path that calls the authz server, and what it sees there."""
 
     name: str
-    server: str
+    role: Role
+    #: the peer's SPIFFE id ("" for plaintext or a client without certificate)
+    source: str
+    #: the proxy's own certificate identity on that connection ("" for plaintext)
     destination: str
-    labels: Mapping[str, str]
+    #: X-Forwarded-For as the proxy passes it to ext_authz (None: none)
+    xff: str | None = None
 
-    def document(self, step: "Step", source: str) -> str:
-        """The Explain request document (``examples/request.yaml`` format) for *step* at this hop."""
-        headers = dict(step.headers)
-        if step.entry == "ingress":
+    def document(self, step: "Step") -> str:
+        """The Explain request document (``examples/request.yaml`` format) for *step* at this
+        hop: what Envoy puts in the CheckRequest plus the call metadata the chart's EnvoyFilter
+        adds — so the one server explains each hop for the workload it really decides for."""
+        headers: dict[str, str | list[str]] = dict(step.headers)
+        if step.entry == "lb":
             headers["x-forwarded-proto"] = "https"
-        return yaml.safe_dump(
-            {
-                "method": step.method,
-                "host": step.host,
-                "path": step.path,
-                "headers": headers,
-                "source": {"principal": source},
-                "destination": {"principal": self.destination, "labels": dict(self.labels)},
-            }
-        )
-
-
-INGRESS_HOP = Hop("ingress gateway", "gateway", INGRESS_HOST, INGRESS.labels)
-HTTPBIN_HOP = Hop("httpbin sidecar", "sidecar", HTTPBIN_ID, HTTPBIN.labels)
-EGRESS_HOP = Hop("egress gateway", "egress", EGRESS_ID, EGRESS.labels)
+        if self.xff is not None:
+            headers["x-forwarded-for"] = self.xff
+        merge = self.role.merge
+        destination: dict[str, object] = {"principal": self.destination}
+        if merge is not None:
+            destination["labels"] = dict(self.role.workload.labels)
+        return yaml.safe_dump({
+            "method": step.method,
+            "host": step.host,
+            "path": step.path,
+            "headers": headers,
+            # The gateway's peer is the load balancer (its appended XFF entry is what counts).
+            "source": {"principal": self.source, "address": "127.0.0.1"},
+            "destination": destination,
+            "metadata": dict(merge.metadata()) if merge is not None else {},
+            "encode_raw_headers": merge is not None,
+        })
 
 
 @dataclass(frozen=True)
@@ -77,28 +94,40 @@ class Step:
     credential: str
     expected: int
     host: str = SERVICE_HOST
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str | list[str]] = field(default_factory=dict)
     #: the ALLOW policy whose rule explains a "no ALLOW policy matched" deny
     focus: str | None = None
     #: headers the upstream must see (a value) or must not see (None) when allowed
     upstream: Mapping[str, str | None] = field(default_factory=dict)
+    #: the client's own address (``lb`` entries; another loopback address is another client)
+    source: str = CLIENT_ADDRESS
 
     @property
-    def hops(self) -> tuple[tuple[Hop, str], ...]:
-        """The checking hops in path order, each with the peer identity it sees."""
-        if self.entry == "ingress":
-            return ((INGRESS_HOP, ""), (HTTPBIN_HOP, INGRESS_ID))
-        if self.host == SERVICE_HOST:
-            return ((HTTPBIN_HOP, SLEEP_ID),)
-        return ((EGRESS_HOP, SLEEP_ID),)
+    def target(self) -> str:
+        """The role the request is for once inside the mesh (a server sidecar or the egress)."""
+        return "httpbin" if self.entry == "lb" else _HOST_ROLE.get(self.host, "egress")
+
+    @property
+    def hops(self) -> tuple[Hop, ...]:
+        """The checking hops in path order, each as that proxy sees the request."""
+        target = ROLES[self.target]
+        if self.entry == "lb":
+            sent = self.headers.get("x-forwarded-for")
+            xff = ", ".join([*([sent] if isinstance(sent, str) else sent or []), self.source, "127.0.0.1"])
+            return (Hop(_HOPS["ingress"], ROLES["ingress"], "", INGRESS_HOST, xff),
+                    Hop(_HOPS["httpbin"], target, INGRESS_ID, target.spiffe or "", xff))
+        if self.entry == "outside":
+            return (Hop(_HOPS[self.target], target, "", ""),)
+        return (Hop(_HOPS[self.target], target, SLEEP_ID, target.spiffe or ""),)
 
     @property
     def label(self) -> str:
-        """``ingress GET /x``, ``sleep->httpbin GET /x``, ``sleep->api.allowed.example GET /x``."""
-        if self.entry == "ingress":
-            return f"ingress {self.method} {self.path}"
-        target = "httpbin" if self.host == SERVICE_HOST else self.host
-        return f"sleep->{target} {self.method} {self.path}"
+        """``client->ingress GET /x``, ``sleep->httpbin GET /x``, ``outside->admin-api GET /x``."""
+        if self.entry == "lb":
+            client = "banned client" if self.source == BANNED_ADDRESS else "client"
+            return f"{client}->ingress {self.method} {self.path}"
+        target = self.target if self.target != "egress" else self.host
+        return f"{self.entry}->{target} {self.method} {self.path}"
 
 
 def script(idp: IdentityProvider) -> list[Step]:
@@ -108,41 +137,51 @@ def script(idp: IdentityProvider) -> list[Step]:
     expired = idp.mint({"group": "admins"}, subject="root", expires_in_s=-3600)
     forged = idp.mint({"group": "admins"}, subject="mallory", forged=True)
 
-    def bearer(token: str) -> dict[str, str]:
-        return {"authorization": f"Bearer {token}"}
+    def bearer(token: str, **extra: str) -> dict[str, str]:
+        return {"authorization": f"Bearer {token}", **extra}
 
     return [
-        Step("ingress", "GET", "/headers", "JWT group=users", 200, INGRESS_HOST, bearer(user),
+        Step("lb", "GET", "/headers", "JWT group=users", 200, INGRESS_HOST, bearer(user),
              upstream={CLAIM_HEADER: "users", "authorization": None}),
-        Step("ingress", "GET", "/headers", "no token", 403, INGRESS_HOST, focus="foo/ingress-users"),
-        Step("ingress", "GET", "/headers", "forged signature", 401, INGRESS_HOST, bearer(forged)),
-        Step("ingress", "GET", "/headers", "expired JWT", 401, INGRESS_HOST, bearer(expired)),
-        Step("ingress", "GET", "/admin/settings", "JWT group=users", 403, INGRESS_HOST, bearer(user),
+        Step("lb", "GET", "/headers", "no token", 403, INGRESS_HOST, focus="foo/ingress-users"),
+        Step("lb", "GET", "/headers", "forged signature", 401, INGRESS_HOST, bearer(forged)),
+        Step("lb", "GET", "/headers", "expired JWT", 401, INGRESS_HOST, bearer(expired)),
+        Step("lb", "GET", "/admin/settings", "JWT group=users", 403, INGRESS_HOST, bearer(user),
              focus="foo/ingress-admins"),
-        Step("ingress", "GET", "/admin/settings", "JWT group=admins", 200, INGRESS_HOST, bearer(admin),
+        Step("lb", "GET", "/admin/settings", "JWT group=admins", 200, INGRESS_HOST, bearer(admin),
              upstream={CLAIM_HEADER: "admins", "authorization": None}),
-        Step("ingress", "GET", "/internal/metrics", "JWT group=admins", 403, INGRESS_HOST, bearer(admin)),
+        Step("lb", "GET", "/internal/metrics", "JWT group=admins", 403, INGRESS_HOST, bearer(admin)),
+        Step("lb", "GET", "/headers", "JWT, spoofed XFF", 200, INGRESS_HOST,
+             bearer(user, **{"x-forwarded-for": BANNED_ADDRESS})),
+        Step("lb", "GET", "/headers", "JWT group=users", 403, INGRESS_HOST, bearer(user), source=BANNED_ADDRESS),
         Step("sleep", "GET", "/get", "mTLS sleep", 200),
         Step("sleep", "POST", "/post", "mTLS sleep", 403, focus="foo/sleep-reads"),
         Step("sleep", "GET", "/debug/vars", "mTLS sleep", 200),
+        Step("sleep", "GET", "/admin/users", "mTLS sleep", 200),
+        Step("sleep", "GET", "/admin/users", "mTLS sleep", 403, ADMIN_HOST),
+        Step("sleep", "GET", "/status", "x-role: user", 200, ADMIN_HOST, {"x-role": "user"}),
+        Step("sleep", "GET", "/status", "x-role: user+admin", 403, ADMIN_HOST, {"x-role": ["user", "admin"]}),
+        Step("outside", "GET", "/get", "plaintext", 403, focus="foo/sleep-reads"),
+        Step("outside", "GET", "/status", "plaintext", 200, ADMIN_HOST),
+        Step("sleep", "GET", "/get", "mTLS sleep", 403, LEGACY_HOST),
+        Step("outside", "GET", "/get", "plaintext", 403, LEGACY_HOST),
         Step("sleep", "GET", "/v1", "mTLS sleep", 200, ALLOWED_HOST),
         Step("sleep", "GET", "/v1", "mTLS sleep", 403, BLOCKED_HOST, focus="istio-system/egress-allow-list"),
     ]
 
 
 class Explainer:
-    """Diagnostics clients for the authz servers, by the server names :class:`Hop` uses."""
+    """A Diagnostics client for the authz server."""
 
-    def __init__(self, ports: Mapping[str, int]) -> None:
-        self._channels = {name: grpc.insecure_channel(f"127.0.0.1:{port}") for name, port in ports.items()}
+    def __init__(self, port: int) -> None:
+        self._channel = grpc.insecure_channel(f"127.0.0.1:{port}")
 
-    def explain(self, server: str, document: str) -> diagnostics_pb2.ExplainResponse:
-        stub = diagnostics_pb2_grpc.DiagnosticsStub(self._channels[server])
+    def explain(self, document: str) -> diagnostics_pb2.ExplainResponse:
+        stub = diagnostics_pb2_grpc.DiagnosticsStub(self._channel)
         return stub.Explain(diagnostics_pb2.ExplainRequest(request_document=document), timeout=5)
 
     def close(self) -> None:
-        for channel in self._channels.values():
-            channel.close()
+        self._channel.close()
 
     def __enter__(self) -> "Explainer":
         return self
@@ -173,8 +212,10 @@ class Outcome:
 
     @property
     def decided_by(self) -> str:
-        """The deciding hop and the server's own sentence (``allowed by ALLOW policy ns/x rule[0]``)."""
-        return f"{self.hop.name}: {self.verdict.reason.split(': ', 1)[-1]}"
+        """The deciding hop and the server's own sentence (``allowed by ALLOW policy ns/x rule[0]``);
+        an unknown identity keeps its reason code, the name it has in headers, logs and metrics."""
+        code, _, sentence = self.verdict.reason.partition(": ")
+        return f"{self.hop.name}: {self.verdict.reason if code.startswith('unknown_workload_') else sentence}"
 
     @property
     def why(self) -> str:
@@ -191,12 +232,15 @@ class Outcome:
 
 def run_step(step: Step, mesh: Mesh, explainer: Explainer) -> Outcome:
     """Send *step* through the mesh, explain it at each hop, and judge it."""
-    if step.entry == "ingress":
-        port, tls = mesh.ingress_port, mesh.ingress_tls()
+    source = None
+    if step.entry == "lb":
+        port, source = mesh.lb_port, step.source
+    elif step.entry == "outside":
+        port = mesh.ports[step.target]
     else:
-        port, tls = mesh.sleep_sidecar_port, None
+        port = mesh.sleep_sidecar_port
     try:
-        reply = request(port, step.path, method=step.method, host=step.host, headers=step.headers, tls=tls)
+        reply = request(port, step.path, method=step.method, host=step.host, headers=step.headers, source=source)
     except (OSError, http.client.HTTPException) as exc:
         reply = Reply(0, {}, f"request failed: {exc!r}".encode())
     hop, verdict = _decider(step, explainer)
@@ -212,16 +256,18 @@ def run_step(step: Step, mesh: Mesh, explainer: Explainer) -> Outcome:
             ("MISMATCH", f"explain says {verdict.http_status}, the proxies answered {reply.status}")
         )
     header = reply.headers.get(POLICY_HEADER)
-    if header and verdict.policy and header != verdict.policy:
-        notes.append(("MISMATCH", f"{POLICY_HEADER}: {header}, explain says {verdict.policy}"))
+    reason = verdict.reason.split(":", 1)[0]
+    named = verdict.policy or (reason if reason.startswith("unknown_workload_") else "")
+    if header and named and header != named:
+        notes.append(("MISMATCH", f"{POLICY_HEADER}: {header}, explain says {named}"))
     passed = reply.status == step.expected and not any(key == "WRONG" for key, _ in notes)
     return Outcome(step, reply, hop, verdict, tuple(notes), passed)
 
 
 def _decider(step: Step, explainer: Explainer) -> tuple[Hop, diagnostics_pb2.ExplainResponse]:
-    """The first hop that denies, else the last one (each hop explained by its own server)."""
-    for hop, source in step.hops:
-        verdict = explainer.explain(hop.server, hop.document(step, source))
+    """The first hop that denies, else the last one (each explained for its own workload)."""
+    for hop in step.hops:
+        verdict = explainer.explain(hop.document(step))
         if not verdict.allowed:
             break
     return hop, verdict

@@ -6,6 +6,7 @@ the servers' ``--policies``), so "no orphans" is checked as "no process mentions
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -44,24 +45,41 @@ def test_demo_runs_the_script_and_stops_cleanly(tmp_path: Path) -> None:
     result = subprocess.run(_demo(workdir), capture_output=True, text=True, timeout=60)
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
-    assert "12/12 requests as expected" in out and "FAIL" not in out
+    assert "22/22 requests as expected" in out and "FAIL" not in out
     for expected in (
-        "ingress GET /headers",
+        "client->ingress GET /headers",
         "decided by  httpbin sidecar: allowed by ALLOW policy foo/ingress-users rule[0]",
         "reached httpbin, x-jwt-group: users, authorization removed",
         "JWT rejected (expired): Jwt is expired",
         "JWT rejected (bad_signature): Jwt verification fails",
         "foo/ingress-admins rule[0]: when[0][request.auth.claims[group]] not satisfied",
         "ingress gateway: denied by DENY policy istio-system/ingress-block-internal rule[0]",
+        # remote.ip is what the trusted LB saw: a spoofed XFF entry does not ban, the address does
+        "ingress gateway: denied by DENY policy istio-system/ingress-deny-banned-client rule[0]",
         "foo/sleep-reads rule[0]: no to entry matched (failed: to[0].operation.methods)",
         "DENY policy foo/deny-debug would have denied",
+        # one server, two apps of one namespace, each with its own selector policies
+        "admin-api sidecar: denied by DENY policy foo/admin-api-lockdown rule[0]",
+        "admin-api sidecar: denied by DENY policy foo/admin-api-no-role-claims rule[0]",
+        "foo/sleep-reads rule[0]: no from entry matched (failed: from[0].source.principals)",
+        "legacy sidecar: unknown_workload_labels: workload labels unknown",
+        "legacy sidecar: unknown_workload_namespace: workload namespace unknown",
         "egress gateway: allowed by ALLOW policy istio-system/egress-allow-list rule[0]",
         "istio-system/egress-allow-list rule[0]: no to entry matched (failed: to[0].operation.hosts)",
         f"logs: {workdir}/",
     ):
         assert expected in out, f"{expected!r} not in:\n{out}"
+    lines = out.splitlines()
+    by_label = {line.split()[1] + " " + line.split()[3]: line for line in lines if line[:5].strip().isdigit()}
+    assert by_label["outside->admin-api /status"].split()[-2:] == ["200", "ok"]  # plaintext, identified
     assert "MISMATCH" not in out  # Explain agrees with what the proxies did
-    assert (workdir / "authz-sidecar.log").exists() and (workdir / "ingress-gateway.log").exists()
+    assert (workdir / "authz-server.log").exists() and (workdir / "ingress-gateway.log").exists()
+    assert not list(workdir.glob("authz-*-*.log"))  # one server for the whole mesh
+    decisions = [json.loads(line) for line in (workdir / "authz-server.log").read_text().splitlines()
+                 if line.startswith("{")]
+    workloads = {(d["workload"]["namespace"], (d["workload"]["labels"] or {}).get("app")) for d in decisions}
+    assert {("istio-system", "istio-ingressgateway"), ("foo", "httpbin"), ("foo", "admin-api"),
+            ("istio-system", "istio-egressgateway"), ("foo", None), (None, None)} <= workloads
     assert _processes_mentioning(str(workdir)) == []
 
 
@@ -96,7 +114,7 @@ def test_keep_running_stops_on_signal_without_orphans(tmp_path: Path, signum: in
                 break
             output += chunk
         assert _KEEP_RUNNING_MARKER in output, output.decode(errors="replace")
-        assert b"curl -si --cacert" in output and (workdir / "tokens" / "admin.jwt").exists()
+        assert b"curl -si -H 'host: www.example.com'" in output and (workdir / "tokens" / "admin.jwt").exists()
         assert _processes_mentioning(str(workdir))  # the mesh is up
         demo.send_signal(signum)
         try:

@@ -60,7 +60,8 @@ def front_port(
             ["--workload-namespace", "default", "--jwks-ca-bundle", str(idp.ca_path),
              "--jwks-refresh-min-interval", "0.1"],
         )
-        proxy = ec.Proxy(free_port(), FRONT, ec.AuthzSettings(port=authz_port))
+        proxy = ec.Proxy(free_port(), FRONT, ec.AuthzSettings(port=authz_port),
+                         merge=ec.IdentityMerge("default", "sidecar"))
         group.start_envoy(
             "front", ec.front_proxy(proxy, listen_port=listen_port, upstream=ec.Upstream(app.port))
         )

@@ -28,7 +28,8 @@ FRONT = ec.Workload("front", "foo", {"app": "front"})
 
 def _front(group: ProcessGroup, upstream: int, authz: ec.AuthzSettings) -> int:
     port = free_port()
-    group.start_envoy(f"front-{port}", ec.front_proxy(ec.Proxy(free_port(), FRONT, authz), listen_port=port,
+    group.start_envoy(f"front-{port}", ec.front_proxy(ec.Proxy(free_port(), FRONT, authz, merge=ec.IdentityMerge(FRONT.namespace, "sidecar")),
+                                                     listen_port=port,
                                                      upstream=ec.Upstream(upstream)))
     return port
 
