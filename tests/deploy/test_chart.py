@@ -3,11 +3,16 @@ from __future__ import annotations
 
 from functools import cache
 
+import subprocess
+
 import helm_python
 import pytest
 import yaml
 
+from authz_server.demo import envoy_config as ec
+from authz_server.demo.processes import envoy_binary
 from authz_server.policy.loader import load_policies
+
 from chart_validation import CHART, is_istio_kind, istio_errors, load_values, mesh_errors, render, validate
 
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
@@ -98,7 +103,7 @@ EXPECTED_CUSTOM = {
 @pytest.mark.parametrize("mode", EXPECTED_CUSTOM)
 def test_mode_renders_its_custom_policy(mode):
     namespace, selector, target_refs, provider = EXPECTED_CUSTOM[mode]
-    [policy] = custom_policies(mode)
+    policy = custom_policies(mode)[0]
     spec = policy["spec"]
     assert policy["metadata"]["namespace"] == namespace
     assert spec["provider"] == {"name": provider}
@@ -138,25 +143,17 @@ def test_notes_print_the_same_extension_providers(mode):
     assert printed == mesh_providers(mode)
 
 
-WORKLOAD = {
-    # gateway deployments answer for the gateway's own labels and namespace
-    "ingress": ("gateway", "istio-system", "istio=ingressgateway"),
-    "egress": ("gateway", "istio-system", "istio=egressgateway"),
-    "ambient": ("waypoint", "shop", "gateway.networking.k8s.io/gateway-name=waypoint"),
-    "mesh": ("sidecar", "shop", "app=checkout"),
-}
+CENTRAL_MODES = ("ingress", "egress", "ambient", "mesh")
 
 
-@pytest.mark.parametrize("mode", WORKLOAD)
+@pytest.mark.parametrize("mode", CENTRAL_MODES)
 def test_server_deployment(mode):
-    deploy = one(mode, "Deployment")
+    deploy = one(mode, "Deployment", "authz-istio-ext-authz")
     pod = deploy["spec"]["template"]["spec"]
     [server] = pod["containers"]
     env = env_of(server)
-    kind, namespace, labels = WORKLOAD[mode]
-    assert env["AUTHZ_WORKLOAD_KIND"]["value"] == kind
-    assert env["AUTHZ_WORKLOAD_NAMESPACE"]["value"] == namespace
-    assert env["AUTHZ_WORKLOAD_LABELS"]["value"] == labels
+    # One Deployment for every caller: no static identity, each Check carries its proxy's.
+    assert not {"AUTHZ_WORKLOAD_NAMESPACE", "AUTHZ_WORKLOAD_LABELS"} & set(env)
     assert env["AUTHZ_LISTEN"]["value"] == "0.0.0.0:9000"
     assert env["AUTHZ_POLICIES"]["value"] == "/etc/authz/policies"
     # readiness on the gRPC health service Envoy's port serves
@@ -240,3 +237,109 @@ def test_validators_reject_broken_objects():
     assert validate({**deploy, "spec": {**deploy["spec"], "replica": 2}})  # unknown core field
     provider = {"name": PROVIDER, "envoyExtAuthzGrpc": {"service": SERVICE_FQDN, "port": 9000, "timeout": 5}}
     assert mesh_errors({"extensionProviders": [provider]})  # timeout must be a duration string
+
+
+# --------------------------------------------------------------------------- per-request identity
+
+IDENTITY = {
+    # mode: {EnvoyFilter name: (namespace, context, selector, targetRefs, what the demo kit merges)}
+    "ingress": {"authz-istio-ext-authz-identity-ingress": (
+        "istio-system", "GATEWAY", {"istio": "ingressgateway"}, None, ec.IdentityMerge("istio-system", "gateway", 1))},
+    "egress": {"authz-istio-ext-authz-identity-egress": (
+        "istio-system", "GATEWAY", {"istio": "egressgateway"}, None, ec.IdentityMerge("istio-system", "gateway", 0))},
+    "mesh": {"authz-istio-ext-authz-identity": (
+        "shop", "SIDECAR_INBOUND", None, None, ec.IdentityMerge("shop", "sidecar"))},
+    "ambient": {"authz-istio-ext-authz-identity-waypoint": (
+        "shop", "WAYPOINT", None, [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "waypoint"}],
+        ec.IdentityMerge("shop", "waypoint"))},
+    "sidecar-local": {"authz-istio-ext-authz-identity-httpbin": (
+        "istio-ext-authz", "SIDECAR_INBOUND", {"app": "httpbin", "version": "v1"}, None,
+        ec.IdentityMerge("istio-ext-authz", "sidecar"))},
+}
+
+
+def envoy_filters(mode: str) -> dict[str, dict]:
+    return {o["metadata"]["name"]: o for o in objects(mode, "EnvoyFilter")}
+
+
+@pytest.mark.parametrize("mode", IDENTITY)
+def test_every_mode_tells_the_server_who_calls(mode):
+    """Each kind of caller gets an EnvoyFilter that MERGEs exactly what the e2e tests' proxies
+    carry (IdentityMerge) into Istio's own ext_authz filter."""
+    filters = envoy_filters(mode)
+    assert set(filters) == set(IDENTITY[mode])
+    for name, (namespace, context, selector, target_refs, merge) in IDENTITY[mode].items():
+        spec = filters[name]["spec"]
+        assert filters[name]["metadata"]["namespace"] == namespace
+        assert spec.get("workloadSelector", {}).get("labels") == selector
+        assert spec.get("targetRefs") == target_refs
+        [patch] = spec["configPatches"]
+        assert patch["applyTo"] == "HTTP_FILTER" and patch["match"]["context"] == context
+        where = patch["match"]["waypoint"] if context == "WAYPOINT" else patch["match"]["listener"]["filterChain"]
+        assert where["filter"] == {"name": "envoy.filters.network.http_connection_manager",
+                                   "subFilter": {"name": ec.EXT_AUTHZ_FILTER}}
+        assert patch["patch"]["operation"] == "MERGE"
+        value = patch["patch"]["value"]
+        assert value["name"] == ec.EXT_AUTHZ_FILTER
+        typed = dict(value["typed_config"])
+        assert typed.pop("@type") == ec.EXT_AUTHZ_TYPE
+        assert typed == merge.patch()
+
+
+def test_one_deployment_serves_every_enabled_mode():
+    assert [d["metadata"]["name"] for d in objects("full", "Deployment")] == ["authz-istio-ext-authz", "httpbin"]
+    env = env_of(one("full", "Deployment", "authz-istio-ext-authz")["spec"]["template"]["spec"]["containers"][0])
+    assert not {"AUTHZ_WORKLOAD_NAMESPACE", "AUTHZ_WORKLOAD_LABELS"} & set(env)
+    assert set(envoy_filters("full")) == {"authz-istio-ext-authz-identity-ingress", "authz-istio-ext-authz-identity",
+                                          "authz-istio-ext-authz-identity-httpbin"}
+
+
+def test_mesh_targets_share_one_envoyfilter_per_namespace():
+    values = {"istio": {"mesh": {"enabled": True, "targets": [
+        {"namespace": "a", "selector": {"app": "x"}}, {"namespace": "a", "name": "y", "selector": {"app": "y"}},
+        {"namespace": "b"}]}}}
+    objs, _ = render(values)
+    assert sorted(o["metadata"]["namespace"] for o in objs if o["kind"] == "EnvoyFilter") == ["a", "b"]
+
+
+def test_a_mesh_target_in_the_root_namespace_is_refused():
+    """An EnvoyFilter there would reach every proxy of the mesh with the wrong namespace."""
+    with pytest.raises(helm_python.HelmError, match="root namespace"):
+        render({"istio": {"mesh": {"enabled": True, "targets": [{"namespace": "istio-system"}]}}})
+
+
+def test_without_per_request_identity_one_release_serves_one_mode():
+    both = {"istio": {"identity": {"enabled": False}, "ingressGateway": {"enabled": True},
+                      "egressGateway": {"enabled": True}}}
+    with pytest.raises(helm_python.HelmError, match="one static workload identity"):
+        render(both)
+    objs, _ = render({"istio": {"identity": {"enabled": False}, "ingressGateway": {"enabled": True}}})
+    assert not [o for o in objs if o["kind"] == "EnvoyFilter"]
+    [deploy] = [o for o in objs if o["kind"] == "Deployment"]
+    env = env_of(deploy["spec"]["template"]["spec"]["containers"][0])
+    assert (env["AUTHZ_WORKLOAD_KIND"]["value"], env["AUTHZ_WORKLOAD_NAMESPACE"]["value"],
+            env["AUTHZ_WORKLOAD_LABELS"]["value"]) == ("gateway", "istio-system", "istio=ingressgateway")
+
+
+@pytest.mark.parametrize("mode", ["ingress", "mesh", "ambient"])
+def test_the_merged_filter_is_valid_envoy_configuration(mode, tmp_path):
+    """istiod's ext_authz filter with the rendered EnvoyFilter's MERGE applied, in a bootstrap
+    real Envoy 1.40 accepts (envoy --mode validate)."""
+    [envoy_filter] = envoy_filters(mode).values()
+    value = envoy_filter["spec"]["configPatches"][0]["patch"]["value"]
+    proxy = ec.Proxy(9901, ec.Workload("w", "shop", {"app": "w"}), ec.AuthzSettings(port=9000))
+    config = ec.front_proxy(proxy, listen_port=8080, upstream=ec.Upstream(8000))
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    [index] = [i for i, f in enumerate(hcm["http_filters"]) if f["name"] == value["name"]]
+    merged = ec.merge_patch(hcm["http_filters"][index], value)
+    assert merged["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"].startswith("outbound|9000||")
+    hcm["http_filters"][index] = merged
+    path = ec.write_config(config, tmp_path / "envoy.yaml")
+    result = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path), "--disable-hot-restart"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    broken = ec.merge_patch(merged, {"typed_config": {"encode_raw_header": True}})  # a typo
+    hcm["http_filters"][index] = broken
+    ec.write_config(config, path)
+    assert subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path), "--disable-hot-restart"],
+                          capture_output=True, timeout=120).returncode != 0  # the check can fail

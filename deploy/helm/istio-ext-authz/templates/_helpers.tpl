@@ -51,8 +51,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/*
-The workload identity of the central server, as YAML {kind, namespace, labels}: explicit
-server.workload values win, the rest is derived from the enabled Istio mode (see values.yaml).
+The static workload identity of the central server, as YAML {kind, namespace, labels}: explicit
+server.workload values win. With istio.identity.enabled every caller says who it is on each Check
+(the EnvoyFilters below), so nothing is derived: a static value would be applied to every caller
+that sends none. Without it the identity is derived from the one enabled mode, and enabling more
+than one is refused (one static identity cannot be right for several kinds of callers).
 */}}
 {{- define "istio-ext-authz.workload" -}}
 {{- $w := .Values.server.workload }}
@@ -60,6 +63,14 @@ server.workload values win, the rest is derived from the enabled Istio mode (see
 {{- $kind := "sidecar" }}
 {{- $ns := "" }}
 {{- $labels := dict }}
+{{- $modes := list }}
+{{- range $mode := list "ingressGateway" "egressGateway" "mesh" "ambient" }}
+{{- if (get $i $mode).enabled }}{{ $modes = append $modes $mode }}{{ end }}
+{{- end }}
+{{- if not $i.identity.enabled }}
+{{- if gt (len $modes) 1 }}
+{{- fail (printf "istio.identity.enabled=false: the server has one static workload identity, so enable one of %s per release (or turn istio.identity on)" (join ", " $modes)) }}
+{{- end }}
 {{- if $i.ingressGateway.enabled }}
 {{- $kind = "gateway" }}{{ $ns = $i.ingressGateway.namespace }}{{ $labels = $i.ingressGateway.selector }}
 {{- else if $i.egressGateway.enabled }}
@@ -68,9 +79,73 @@ server.workload values win, the rest is derived from the enabled Istio mode (see
 {{- $kind = "waypoint" }}{{ $ns = $i.ambient.namespace | default .Release.Namespace }}
 {{- $labels = dict "gateway.networking.k8s.io/gateway-name" $i.ambient.waypoint }}
 {{- end }}
+{{- end }}
 kind: {{ $w.kind | default $kind }}
 namespace: {{ $w.namespace | default $ns | quote }}
 labels: {{ $w.labels | default $labels | toJson }}
+{{- end }}
+
+{{/*
+An EnvoyFilter that MERGEs the proxy's identity into Istio's own ext_authz filter (README "One
+release for the whole mesh"). Args: root, name, namespace, context (SIDECAR_INBOUND, GATEWAY,
+WAYPOINT), kind, optionally selector (dict: workloadSelector) or targetRefs (list), and
+trustedProxies (gateways). The patch is what authz_server.demo.envoy_config.IdentityMerge applies
+in the e2e tests; tests/deploy checks the two agree.
+*/}}
+{{- define "istio-ext-authz.identityEnvoyFilter" -}}
+{{- $id := .root.Values.istio.identity }}
+{{- $filter := dict "name" "envoy.filters.network.http_connection_manager" "subFilter" (dict "name" "envoy.filters.http.ext_authz") }}
+{{- $metadata := list (dict "key" "x-authz-workload-namespace" "value" .namespace) (dict "key" "x-authz-workload-kind" "value" .kind) }}
+{{- if hasKey . "trustedProxies" }}
+{{- $metadata = append $metadata (dict "key" "x-authz-num-trusted-proxies" "value" (toString .trustedProxies)) }}
+{{- end }}
+apiVersion: networking.istio.io/v1alpha3
+kind: EnvoyFilter
+metadata:
+  name: {{ .name }}
+  namespace: {{ .namespace }}
+  labels:
+    {{- include "istio-ext-authz.labels" .root | nindent 4 }}
+spec:
+  {{- with get . "selector" }}
+  workloadSelector:
+    labels:
+      {{- toYaml . | nindent 6 }}
+  {{- end }}
+  {{- with get . "targetRefs" }}
+  targetRefs:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  configPatches:
+    - applyTo: HTTP_FILTER
+      match:
+        context: {{ .context }}
+        {{- if eq .context "WAYPOINT" }}
+        waypoint:
+          filter:
+            {{- toYaml $filter | nindent 12 }}
+        {{- else }}
+        listener:
+          filterChain:
+            filter:
+              {{- toYaml $filter | nindent 14 }}
+        {{- end }}
+      patch:
+        operation: MERGE
+        value:
+          name: envoy.filters.http.ext_authz
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
+            # the pod's labels (Istio's node metadata LABELS) as destination.labels
+            bootstrap_metadata_labels_key: {{ $id.labelsKey | quote }}
+            # repeated headers value by value (a DENY on one value cannot be bypassed by a second)
+            encode_raw_headers: {{ $id.encodeRawHeaders }}
+            # the SNI, for connection.sni rules
+            include_tls_session: {{ $id.includeTlsSession }}
+            grpc_service:
+              # gRPC metadata of every Check call: who this proxy is (a client cannot set it)
+              initial_metadata:
+                {{- toYaml $metadata | nindent 16 }}
 {{- end }}
 
 {{/* "k1=v1,k2=v2" (sorted) for AUTHZ_WORKLOAD_LABELS. */}}
