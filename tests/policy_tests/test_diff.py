@@ -70,7 +70,7 @@ def test_policies_env_is_the_old_set_and_problems_are_one_line_each(tmp_path: Pa
     code, lines = diff(capsys, "--to", str(WORKSHOP), "--requests", str(bad))
     assert code == 2
     assert lines[0] == (f"ERROR {bad}: request[0]: unknown fields ['bogus'] "
-                        "(expected method, host, path, headers, source, destination, sni)")
+                        "(expected method, host, path, headers, source, destination, sni, metadata, encode_raw_headers)")
     assert lines[1].startswith(f"ERROR {bad}: request[1]: request: jwt.claims.iss 'https://nobody.example': "
                                "no jwtRule in the policy set has this issuer")
     assert lines[2] == f"1 requests decided under {WORKSHOP} and {WORKSHOP}: 0 changed"
