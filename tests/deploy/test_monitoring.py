@@ -219,7 +219,7 @@ def test_every_metric_the_dashboard_and_alerts_use_is_exported(server: Running) 
     assert len(used) >= 14
     wait_for(lambda: used <= exported(server.metrics()), what="every metric exported")
     text = server.metrics()
-    for sample in ('reason="unknown_workload"', 'reason="malformed_request"', 'result="denied"',
+    for sample in ('reason="unknown_workload_namespace"', 'reason="malformed_request"', 'result="denied"',
                    'authz_jwt_total{issuer="https://127.0.0.1', 'authz_jwks_fetches_total{issuer="https://127.0.0.1'):
         assert sample in text
     wait_for(lambda: re.search(r"^authz_worker_restarts_total 1\.0$", server.metrics(), re.M) is not None,
