@@ -212,6 +212,18 @@ def test_existing_configmap_replaces_the_inline_policies():
     assert {"name": "policies", "configMap": {"name": "my-policies"}} in volumes
 
 
+def test_an_empty_policy_set_is_served_only_when_allowed():
+    """The server refuses an empty set unless told; the chart passes that choice through."""
+    for allow, expected in ((None, "false"), (True, "true")):
+        values = {**load_values(MODES["ingress"]), "policies": {"files": {}}}
+        if allow is not None:
+            values["policies"]["allowEmpty"] = allow
+        objs, _ = render(values)
+        [deploy] = [o for o in objs if o["kind"] == "Deployment"]
+        [server] = deploy["spec"]["template"]["spec"]["containers"]
+        assert env_of(server)["AUTHZ_ALLOW_EMPTY_POLICIES"]["value"] == expected
+
+
 def test_service_monitor_scrapes_the_metrics_port():
     # ServiceMonitor's CRD (Prometheus Operator) is not vendored: check its wiring only.
     objs, _ = render({"serviceMonitor": {"enabled": True}})

@@ -170,6 +170,8 @@ Server settings shared by the central Deployment and the sidecar-local container
   value: {{ .Values.server.numTrustedProxies | quote }}
 - name: AUTHZ_LOG_LEVEL
   value: {{ .Values.server.logLevel | quote }}
+- name: AUTHZ_ALLOW_EMPTY_POLICIES
+  value: {{ .Values.policies.allowEmpty | quote }}
 {{- end }}
 
 {{- define "istio-ext-authz.policiesVolume" -}}
