@@ -29,7 +29,7 @@ class CompileEnv:
 
 def compile_field(field: FieldMatch, env: CompileEnv) -> RequestTest:
     """``AND(OR(values), NOT(OR(notValues)))`` over one attribute of the request."""
-    extract, build = _registry(field)
+    extract, build = _registry(field.attribute, field.params)
     positive = build(field.values, env) if field.values else None
     negative = build(field.not_values, env) if field.not_values else None
 
@@ -54,8 +54,12 @@ def compile_field(field: FieldMatch, env: CompileEnv) -> RequestTest:
 Builder = Callable[[Sequence[str], CompileEnv], Callable[[Any], bool]]
 
 
-def _registry(field: FieldMatch) -> tuple[Extractor, Builder]:
-    attribute, params = field.attribute, field.params
+def extractor(attribute: str, params: tuple[str, ...]) -> Extractor:
+    """How to read one attribute of a request (``None`` when absent): for tests and the rule index."""
+    return _registry(attribute, params)[0]
+
+
+def _registry(attribute: str, params: tuple[str, ...]) -> tuple[Extractor, Builder]:
     if attribute == "request.headers":
         return _header_extractor(params[0]), lambda v, env: _header_values_test(matchers.string_matcher(v, empty_is_present=True))
     if attribute == "request.auth.claims":

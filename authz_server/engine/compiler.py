@@ -2,7 +2,9 @@
 
 A rule is ``OR(from) AND OR(to) AND AND(when)``; a source/operation is the AND of its fields
 (SPEC section 3). The compiled form keeps each field's label so ``explain`` can say which part
-of a rule did not match, while the hot path only calls :attr:`CompiledRule.test`.
+of a rule did not match, while the hot path only calls :attr:`CompiledRule.test` — on the rules
+the rule index (:mod:`authz_server.engine.index`, keyed on :attr:`CompiledRule.options`) cannot
+rule out.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from authz_server.engine.attributes import CompileEnv, RequestTest, compile_field
+from authz_server.engine.index import Option, rule_options
 from authz_server.engine.request import RequestAttributes
 from authz_server.policy.model import AuthorizationPolicy, FieldMatch, Rule
 
@@ -24,6 +27,8 @@ class CompiledRule:
     operations: tuple[Labelled, ...] | None
     conditions: Labelled
     test: RequestTest
+    #: necessary conditions the rule index can key on (empty: always tried)
+    options: tuple[Option, ...] = ()
 
     def mismatches(self, req: RequestAttributes) -> list[str]:
         """Why this rule does not match ``req`` (empty when it does), for explain output."""
@@ -84,4 +89,4 @@ def _compile_rule(index: int, rule: Rule, env: CompileEnv) -> CompiledRule:
         if clauses is not None:
             parts.append(_any([_all([t for _, t in c]) for c in clauses]))
     parts.extend(t for _, t in conditions)
-    return CompiledRule(index, sources, operations, conditions, _all(parts))
+    return CompiledRule(index, sources, operations, conditions, _all(parts), rule_options(rule, env))

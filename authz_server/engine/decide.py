@@ -6,13 +6,15 @@ deny. AUDIT and dry-run policies are evaluated for the record and never change t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from authz_server.engine.compiler import CompiledPolicy
+from authz_server.engine.index import IndexedGroup, ScanGroup, rule_group
 from authz_server.engine.request import RequestAttributes
 from authz_server.policy.model import Action, AuthorizationPolicy
 
 RBAC_DENIED_BODY = "RBAC: access denied"
+RuleGroup = ScanGroup | IndexedGroup
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,16 +54,29 @@ class AuthzDecision:  # built once per Check: not frozen, to skip frozen-datacla
 
 @dataclass(frozen=True, slots=True)
 class WorkloadPolicies:
-    """The compiled policies that apply to one workload, split by how they act."""
+    """The compiled policies that apply to one workload, split by how they act.
+
+    Each engine is tried through a rule group (:mod:`authz_server.engine.index`): indexed when
+    it is large, a plain scan when small or when ``indexed=False`` forces it (the reference the
+    differential test compares the index against).
+    """
 
     deny: tuple[CompiledPolicy, ...] = ()
     allow: tuple[CompiledPolicy, ...] = ()
     audit: tuple[CompiledPolicy, ...] = ()
     dry_deny: tuple[CompiledPolicy, ...] = ()
     dry_allow: tuple[CompiledPolicy, ...] = ()
+    #: ``None``: index the groups large enough to gain from it; ``True``/``False`` force it
+    indexed: bool | None = None
+    _groups: tuple[RuleGroup, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        groups = tuple(rule_group(g, self.indexed) for g in (self.deny, self.allow, self.audit,
+                                                              self.dry_deny, self.dry_allow))
+        object.__setattr__(self, "_groups", groups)
 
     @classmethod
-    def split(cls, policies: list[CompiledPolicy]) -> WorkloadPolicies:
+    def split(cls, policies: list[CompiledPolicy], indexed: bool | None = None) -> WorkloadPolicies:
         """Sort policies into engines; CUSTOM ones are Istio's routing, not ours to evaluate."""
         def pick(action: Action, dry: bool) -> tuple[CompiledPolicy, ...]:
             return tuple(p for p in policies if p.policy.action is action and p.policy.dry_run is dry)
@@ -71,44 +86,34 @@ class WorkloadPolicies:
             audit=pick(Action.AUDIT, False),  # a dry-run AUDIT has no effect either way
             dry_deny=pick(Action.DENY, True),
             dry_allow=pick(Action.ALLOW, True),
+            indexed=indexed,
         )
 
     def decide(self, req: RequestAttributes) -> AuthzDecision:
+        deny, allow, audit, dry_deny, dry_allow = self._groups
         dry_run = self._dry_run(req) if (self.dry_deny or self.dry_allow) else ()
-        audited = self._audited(req) if self.audit else ()
-        for policy in self.deny:
-            rule = policy.first_match(req)
-            if rule is not None:
-                return AuthzDecision(False, "denied_by_policy", policy.policy, rule, dry_run, audited)
+        audited = tuple(p.policy.rule_id(rule) for p, rule in audit.every(req)) if self.audit else ()
+        hit = deny.first(req) if self.deny else None
+        if hit is not None:
+            return AuthzDecision(False, "denied_by_policy", hit[0].policy, hit[1], dry_run, audited)
         if not self.allow:
             return AuthzDecision(True, "no_allow_policies", None, None, dry_run, audited)
-        for policy in self.allow:
-            rule = policy.first_match(req)
-            if rule is not None:
-                return AuthzDecision(True, "allowed_by_policy", policy.policy, rule, dry_run, audited)
+        hit = allow.first(req)
+        if hit is not None:
+            return AuthzDecision(True, "allowed_by_policy", hit[0].policy, hit[1], dry_run, audited)
         return AuthzDecision(False, "no_allow_match", None, None, dry_run, audited)
 
     def _dry_run(self, req: RequestAttributes) -> tuple[DryRunResult, ...]:
         results = []
-        for action, engine, on_match, on_miss in (
-            (Action.DENY, self.dry_deny, "denied", "allowed"),
-            (Action.ALLOW, self.dry_allow, "allowed", "denied"),
+        for action, policies, group, on_match, on_miss in (
+            (Action.DENY, self.dry_deny, self._groups[3], "denied", "allowed"),
+            (Action.ALLOW, self.dry_allow, self._groups[4], "allowed", "denied"),
         ):
-            if not engine:
+            if not policies:
                 continue
-            result = DryRunResult(action, on_miss, "", "")
-            for policy in engine:
-                rule = policy.first_match(req)
-                if rule is not None:
-                    result = DryRunResult(action, on_match, policy.policy.rule_id(rule), policy.policy.ref)
-                    break
-            results.append(result)
+            hit = group.first(req)
+            if hit is None:
+                results.append(DryRunResult(action, on_miss, "", ""))
+            else:
+                results.append(DryRunResult(action, on_match, hit[0].policy.rule_id(hit[1]), hit[0].policy.ref))
         return tuple(results)
-
-    def _audited(self, req: RequestAttributes) -> tuple[str, ...]:
-        ids = []
-        for policy in self.audit:
-            rule = policy.first_match(req)
-            if rule is not None:
-                ids.append(policy.policy.rule_id(rule))
-        return tuple(ids)

@@ -75,6 +75,9 @@ class PolicyEngine:
         # A plain dict (cleared when full) rather than an LRU: a lookup per Check must be cheap,
         # and the number of distinct workload identities a server sees is small.
         self._views: dict[Hashable, WorkloadView] = {}
+        # Workloads with the same policies share one split (and its rule index): memory and
+        # build time follow the distinct policy sets, not the number of workload identities.
+        self._splits: dict[tuple[int, ...], WorkloadPolicies] = {}
 
     def for_workload(self, workload: Workload, service: tuple[str, str] | None = None) -> WorkloadView:
         labels = None if workload.labels is None else frozenset(workload.labels.items())
@@ -89,10 +92,15 @@ class PolicyEngine:
 
     def _select(self, workload: Workload, service: tuple[str, str] | None) -> WorkloadView:
         root = self.mesh.root_namespace
-        policies = [
-            c for c in self._compiled
+        selected = tuple(
+            i for i, c in enumerate(self._compiled)
             if applies(c.policy.attachment, c.policy.namespace, workload, root, service)
-        ]
+        )
+        split = self._splits.get(selected)
+        if split is None:
+            if len(self._splits) >= WORKLOAD_CACHE_SIZE:
+                self._splits.clear()
+            split = self._splits[selected] = WorkloadPolicies.split([self._compiled[i] for i in selected])
         ras = tuple(
             ra for ra in self.policy_set.request_authentications
             if applies(ra.attachment, ra.namespace, workload, root, service)
@@ -100,7 +108,7 @@ class PolicyEngine:
         # Istio merges the jwtRules of every applicable RequestAuthentication, sorted by issuer.
         rules = tuple(sorted((rule for ra in ras for rule in ra.jwt_rules), key=lambda r: r.issuer))
         authenticator = self.authenticator_factory(rules) if rules and self.authenticator_factory else None
-        return WorkloadView(WorkloadPolicies.split(policies), ras, authenticator, self._unscoped(workload))
+        return WorkloadView(split, ras, authenticator, self._unscoped(workload))
 
     def _unscoped(self, workload: Workload) -> tuple[tuple[str, str], ...]:
         """Enforced policies and RequestAuthentications whose scope the workload cannot decide.

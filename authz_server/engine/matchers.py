@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 from authz_server.policy.vocabulary import is_path_template
@@ -21,12 +22,18 @@ def _never(_: object) -> bool:
     return False
 
 
-def string_matcher(patterns: Iterable[str], *, ignore_case: bool = False, empty_is_present: bool = False) -> StrTest:
-    """Istio's four-mode convention (SPEC 3.1): ``*`` presence, ``p*`` prefix, ``*s`` suffix, exact.
+@dataclass(frozen=True, slots=True)
+class StringPatterns:
+    """Istio string values split into their four modes: what a matcher tests, what an index keys on."""
 
-    Presence is Envoy's ``present_match`` for headers and hosts (``empty_is_present``: an empty
-    value still counts) and regex ``.+`` everywhere else.
-    """
+    exact: frozenset[str] = frozenset()
+    prefixes: tuple[str, ...] = ()
+    suffixes: tuple[str, ...] = ()
+    presence: bool = False
+
+
+def string_patterns(patterns: Iterable[str], *, ignore_case: bool = False) -> StringPatterns:
+    """``*`` presence, ``p*`` prefix, ``*s`` suffix, anything else exact (SPEC 3.1)."""
     exact: set[str] = set()
     prefixes: list[str] = []
     suffixes: list[str] = []
@@ -42,9 +49,24 @@ def string_matcher(patterns: Iterable[str], *, ignore_case: bool = False, empty_
             prefixes.append(pattern[:-1])
         else:
             exact.add(pattern)
-    if presence:
+    return StringPatterns(frozenset(exact), tuple(prefixes), tuple(suffixes), presence)
+
+
+def string_matcher(patterns: Iterable[str], *, ignore_case: bool = False, empty_is_present: bool = False) -> StrTest:
+    """Istio's four-mode convention (SPEC 3.1): ``*`` presence, ``p*`` prefix, ``*s`` suffix, exact.
+
+    Presence is Envoy's ``present_match`` for headers and hosts (``empty_is_present``: an empty
+    value still counts) and regex ``.+`` everywhere else.
+    """
+    return split_matcher(string_patterns(patterns, ignore_case=ignore_case),
+                         ignore_case=ignore_case, empty_is_present=empty_is_present)
+
+
+def split_matcher(split: StringPatterns, *, ignore_case: bool = False, empty_is_present: bool = False) -> StrTest:
+    """The test of already split patterns (lower-cased ones when ``ignore_case``)."""
+    if split.presence:
         return (lambda v: True) if empty_is_present else (lambda v: v != "")
-    pre, suf = tuple(prefixes), tuple(suffixes)
+    exact, pre, suf = set(split.exact), split.prefixes, split.suffixes
     if not pre and not suf:
         if ignore_case:
             return lambda v: v.lower() in exact
@@ -72,29 +94,27 @@ def any_of(tests: Sequence[StrTest]) -> StrTest:
     return lambda v: any(t(v) for t in tests)
 
 
+def principal_patterns(patterns: Iterable[str], trust_domains: Sequence[str] = ()) -> StringPatterns:
+    """``principals`` values as full URIs: ``spiffe://`` prepended to exact values and prefixes.
+
+    Suffixes stay bare (``*s`` is regex ``spiffe://.*s``: the matcher also checks the scheme).
+    Five-segment values in ``cluster.local`` (or any configured trust domain/alias) are expanded
+    to every trust domain of the mesh, as Istio's trust-domain bundle does.
+    """
+    split = string_patterns(_expand_trust_domains(patterns, trust_domains))
+    return StringPatterns(frozenset(SPIFFE + e for e in split.exact), tuple(SPIFFE + p for p in split.prefixes),
+                          split.suffixes, split.presence)
+
+
 def principal_matcher(patterns: Iterable[str], trust_domains: Sequence[str] = ()) -> StrTest:
     """``principals``: the value gets ``spiffe://`` prepended (SPEC 3.2).
 
-    A policy value already starting with ``spiffe://`` therefore never matches. Five-segment
-    values in ``cluster.local`` (or any configured trust domain/alias) are expanded to every
-    trust domain of the mesh, as Istio's trust-domain bundle does.
+    A policy value already starting with ``spiffe://`` therefore never matches.
     """
-    exact: set[str] = set()
-    prefixes: list[str] = []
-    suffixes: list[str] = []
-    presence = False
-    for pattern in _expand_trust_domains(patterns, trust_domains):
-        if pattern == "*":
-            presence = True
-        elif pattern.startswith("*"):
-            suffixes.append(pattern[1:])
-        elif pattern.endswith("*"):
-            prefixes.append(SPIFFE + pattern[:-1])
-        else:
-            exact.add(SPIFFE + pattern)
-    if presence:
+    split = principal_patterns(patterns, trust_domains)
+    if split.presence:
         return lambda v: v != ""
-    pre, suf = tuple(prefixes), tuple(suffixes)
+    exact, pre, suf = set(split.exact), split.prefixes, split.suffixes
     # `*s` is regex `spiffe://.*s`: the suffix must follow the scheme.
     return lambda v: (
         v in exact
@@ -220,12 +240,22 @@ def _template_regex(template: str) -> str:
     return "/" + "/".join(parts)
 
 
+def template_literal_prefix(template: str) -> str:
+    """What every path a uri_template matches starts with: its text before the first operator."""
+    return template[: template.find("{")]
+
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+def parse_networks(values: Iterable[str]) -> list[Network]:
+    """IP/CIDR values as networks: a bare IP is /32 or /128, host bits masked like Envoy's CidrRange."""
+    return [ipaddress.ip_network(v, strict=False) for v in values]
+
+
 def ip_matcher(values: Iterable[str]) -> Callable[[ipaddress.IPv4Address | ipaddress.IPv6Address], bool]:
-    """IP/CIDR values (a bare IP is /32 or /128; host bits are masked like Envoy's CidrRange)."""
-    networks: list[Network] = [ipaddress.ip_network(v, strict=False) for v in values]
+    """IP/CIDR values (see :func:`parse_networks`); an IPv4-mapped IPv6 peer matches IPv4 ranges."""
+    networks = parse_networks(values)
     v4 = tuple(n for n in networks if n.version == 4)
     v6 = tuple(n for n in networks if n.version == 6)
 
@@ -242,7 +272,7 @@ def request_principal_matcher(patterns: Iterable[str]) -> Callable[[tuple[str, s
 
     Each value is split at its last ``/``; a token without ``sub`` never matches a sub test.
     """
-    tests = [_split_principal(p) for p in patterns]
+    tests = [tuple(split_matcher(side) for side in request_principal_parts(p)) for p in patterns]
 
     def match(value: tuple[str, str | None]) -> bool:
         iss, sub = value
@@ -251,18 +281,21 @@ def request_principal_matcher(patterns: Iterable[str]) -> Callable[[tuple[str, s
     return match
 
 
-def _split_principal(pattern: str) -> tuple[StrTest, StrTest]:
-    present = string_matcher(["*"])
+_PRESENT = StringPatterns(presence=True)
+
+
+def request_principal_parts(pattern: str) -> tuple[StringPatterns, StringPatterns]:
+    """What one ``requestPrincipals`` value asks of ``iss`` and of ``sub``."""
     if pattern == "*":
-        return present, present
+        return _PRESENT, _PRESENT
     cut = pattern.rfind("/")
     if cut < 0:
         if pattern.startswith("*"):
-            return present, string_matcher([pattern])
-        return string_matcher([pattern]), present
+            return _PRESENT, string_patterns([pattern])
+        return string_patterns([pattern]), _PRESENT
     iss, sub = pattern[:cut], pattern[cut + 1:]
     if iss == "*" or iss.startswith("*"):
-        iss_test = string_matcher([iss])  # presence or suffix
+        iss_side = string_patterns([iss])  # presence or suffix
     else:
-        iss_test = iss.__eq__  # exact, a trailing `*` included: only the sub side has prefixes
-    return iss_test, string_matcher([sub])
+        iss_side = StringPatterns(exact=frozenset([iss]))  # a trailing `*` included: only sub has prefixes
+    return iss_side, string_patterns([sub])
