@@ -76,7 +76,8 @@ class App:
         worker = os.environ.get("AUTHZ_WORKER_ID")  # set by the supervisor for its workers
         return DecisionLog(sys.stdout if target == "stdout" else sys.stderr,
                            allow_sample_rate=args.decision_log_allow_sample, include_query=args.decision_log_query,
-                           worker=int(worker) if worker and worker.isdigit() else None)
+                           worker=int(worker) if worker and worker.isdigit() else None,
+                           on_drop=metrics.DECISION_LOG_DROPPED.inc)
 
     @staticmethod
     def _tracer(args: argparse.Namespace) -> CheckTracer | None:
@@ -165,6 +166,7 @@ class App:
 
     async def _sync_forever(self) -> None:
         while True:
+            metrics.flush()
             self.sync_metrics()
             if self.decision_log is not None:
                 self.decision_log.flush()
@@ -188,7 +190,8 @@ class App:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        metrics.flush()
         if self.decision_log is not None:
-            self.decision_log.flush()
+            await asyncio.to_thread(self.decision_log.close)
         if self.tracer is not None:
             await asyncio.to_thread(self.tracer.shutdown)

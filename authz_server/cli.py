@@ -223,7 +223,9 @@ def _serve_one(args: argparse.Namespace, tls: RotatingCertificates | None) -> in
     async def run() -> int:
         app = App(args)
         if endpoint is not None:
-            endpoint.attach(app.readiness)
+            from authz_server.observability import metrics
+
+            endpoint.attach(app.readiness, before_scrape=metrics.flush)
             endpoint.start()
         try:
             return await AuthzGrpcServer(app, args.listen, args.grace_period, tls, args.serving).run()

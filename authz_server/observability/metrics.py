@@ -4,11 +4,18 @@ With ``--workers N`` each worker writes its samples to ``PROMETHEUS_MULTIPROC_DI
 supervisor before the workers start) and the supervisor's HTTP endpoint aggregates them;
 gauges declare how to combine workers (``multiprocess_mode``). Label values are bounded: policy
 labels come from the loaded policy set (capped), issuer labels from configured issuers.
+
+Per-Check metrics are not written to Prometheus per Check (a multiprocess value is an mmap'd
+file write per sample, the histogram one per bucket): :class:`CheckRecorder` counts them in plain
+dicts on the event loop, and :func:`flush` adds what accrued to the Prometheus metrics — every
+second from the server's sync task and right before each scrape, so a scrape is never stale.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+import bisect
+import threading
+from typing import Hashable, Iterable
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -40,6 +47,8 @@ POLICIES = Gauge("authz_policies_loaded", "Policies in the serving set, by kind"
 DRY_RUN = Counter("authz_dry_run_total", "Dry-run engine results", ["action", "result", "policy"])
 HTTP2_LIMITS = Counter("authz_http2_limit_exceeded_total",
                        "HTTP/2 connections closed or refused by a serving limit (fast layer), by limit", ["limit"])
+DECISION_LOG_DROPPED = Counter("authz_decision_log_dropped_lines_total",
+                               "Decision log lines dropped because the output was blocked")
 WORKER_READY = Gauge("authz_worker_ready", "1 when every live worker has policies (and JWKS) loaded",
                      multiprocess_mode="livemin")
 
@@ -76,15 +85,82 @@ class IssuerLabels:
 _policy_label = PolicyLabels()
 issuer_label = IssuerLabels()
 
+#: distinct label combinations kept between flushes before one is forced (bounds the memory)
+MAX_PENDING_KEYS = 4096
+
+
+class CheckRecorder:
+    """Per-Check counts in plain dicts, added to Prometheus by :meth:`flush`.
+
+    Only the event loop calls :meth:`record`; :meth:`flush` may run on any thread (the scrape
+    handler's): it reads a copy of the running totals (a dict copy is atomic under the GIL) and
+    adds the difference since its last flush, under a lock shared by flushers. Nothing is lost
+    or counted twice.
+    """
+
+    def __init__(self) -> None:
+        #: (decision, reason, policy label, jwt issuer label, jwt result, dry-run results) -> Checks
+        self._counts: dict[Hashable, int] = {}
+        self._buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self._latency_sum = 0.0
+        self._flushed_counts: dict[Hashable, int] = {}
+        self._flushed_buckets = [0] * len(self._buckets)
+        self._flushed_sum = 0.0
+        self._lock = threading.Lock()
+
+    def record(self, verdict: Verdict, latency: float) -> None:
+        key = (verdict.allowed, verdict.reason, _policy_label(verdict.policy) if verdict.policy else "",
+               issuer_label(verdict.jwt_issuer) if verdict.jwt_result else "", verdict.jwt_result, verdict.dry_run)
+        counts = self._counts
+        counts[key] = counts.get(key, 0) + 1
+        self._buckets[bisect.bisect_left(LATENCY_BUCKETS, latency)] += 1
+        self._latency_sum += latency
+        if len(counts) > MAX_PENDING_KEYS:
+            self.flush(reset=True)
+
+    def flush(self, reset: bool = False) -> None:
+        """Add what accrued since the last flush to Prometheus (``reset``: also forget the keys)."""
+        with self._lock:
+            counts, buckets, total = dict(self._counts), list(self._buckets), self._latency_sum
+            for key, count in counts.items():
+                delta = count - self._flushed_counts.get(key, 0)
+                if delta:
+                    _add_checks(key, delta)
+            for i, count in enumerate(buckets):
+                if count != self._flushed_buckets[i]:
+                    CHECK_LATENCY._buckets[i].inc(count - self._flushed_buckets[i])  # noqa: SLF001 - see below
+            if total != self._flushed_sum:
+                CHECK_LATENCY._sum.inc(total - self._flushed_sum)  # noqa: SLF001
+            # prometheus_client (pinned) has no public "observe N values at once"; its Histogram keeps
+            # a value per bucket (non-cumulative, +Inf last) and the sum: the same ones observe() bumps.
+            if reset:  # only the recording thread resets, so nothing accrues meanwhile
+                self._counts.clear()
+                self._flushed_counts = {}
+            else:
+                self._flushed_counts = counts
+            self._flushed_buckets, self._flushed_sum = buckets, total
+
+
+def _add_checks(key: Hashable, count: int) -> None:
+    allowed, reason, policy, issuer, jwt_result, dry_run = key  # type: ignore[misc]
+    decision = "allow" if allowed else "deny"
+    CHECKS.labels(decision, reason).inc(count)
+    if policy:
+        CHECK_POLICY.labels(policy, decision).inc(count)
+    if jwt_result:
+        JWT_RESULTS.labels(issuer, jwt_result).inc(count)
+    for result in dry_run:
+        DRY_RUN.labels(result.action.value, result.engine_result, _policy_label(result.policy or "none")).inc(count)
+
+
+checks = CheckRecorder()
+
 
 def record_check(verdict: Verdict, latency: float) -> None:
     """Count one answered Check (called once per Check, after the answer is built)."""
-    decision = "allow" if verdict.allowed else "deny"
-    CHECKS.labels(decision, verdict.reason).inc()
-    CHECK_LATENCY.observe(latency)
-    if verdict.policy:
-        CHECK_POLICY.labels(_policy_label(verdict.policy), decision).inc()
-    if verdict.jwt_result:
-        JWT_RESULTS.labels(issuer_label(verdict.jwt_issuer), verdict.jwt_result).inc()
-    for result in verdict.dry_run:
-        DRY_RUN.labels(result.action.value, result.engine_result, _policy_label(result.policy or "none")).inc()
+    checks.record(verdict, latency)
+
+
+def flush() -> None:
+    """Bring Prometheus up to date with the per-Check counts (periodically, and before a scrape)."""
+    checks.flush()
