@@ -8,7 +8,13 @@ that happened to run during it. Scenarios:
 * ``max/repeated`` — wrk, one valid token on every request (a cached token for the server);
 * ``max/pool`` — wrk rotating a pool of distinct valid tokens, fresh for every round, so each
   round's tokens are new to every cache and verified once per token;
-* ``fixed-<R>/repeated`` — h2load at R req/s: latency when nothing is saturated.
+* ``fixed-<R>/repeated`` — h2load at R req/s: latency when nothing is saturated;
+* the policy-count scale — ``max/repeated`` on ``scale-<N>`` variants: the same server with N
+  AuthorizationPolicies in scope (only the benchmark's own matching, and it last), with the time
+  from start to ready and the resident memory of each.
+
+Every server variant also reports its start-to-ready time and RSS after the load; multi-worker
+variants with the decision log on report the exact split of Checks over their workers.
 
 Results (JSON, Markdown, PNG) go to ``loadtests/results/<timestamp>/`` unless ``--out`` says.
 """
@@ -26,7 +32,7 @@ from authz_server.demo.processes import ProcessGroup, exit_on_sigterm
 
 from . import measure, report, tokens
 from .target import Target, start_target
-from .variants import Variant, standard_variants
+from .variants import Variant, scale_variants, standard_variants
 
 RESULTS = Path(__file__).with_name("results")
 
@@ -52,12 +58,15 @@ class Settings:
     rates: tuple[int, ...]
     fixed_clients: int
     workers: int
+    #: policies in scope for the policy-count scale (the 1-policy point is ``server-w1``)
+    policy_counts: tuple[int, ...]
 
 
 FULL = Settings(trials=3, duration_s=3, fixed_duration_s=3, warmup_s=2, connections=64, wrk_threads=1,
-                pool_size=5000, rates=(300, 1000), fixed_clients=10, workers=2)
+                pool_size=5000, rates=(300, 1000), fixed_clients=10, workers=2, policy_counts=(100, 1000, 5000))
 SMOKE = Settings(trials=1, duration_s=1, fixed_duration_s=1, warmup_s=0, connections=32, wrk_threads=1,
-                 pool_size=200, rates=(100,), fixed_clients=4, workers=2)
+                 pool_size=200, rates=(100,), fixed_clients=4, workers=2, policy_counts=(50,))
+SCALE_SCENARIO = "max/repeated"
 
 
 def scenarios(settings: Settings) -> list[Scenario]:
@@ -107,7 +116,7 @@ def run(settings: Settings, out: Path, only: Sequence[str] = (), baseline: str =
     written to *out*). *baseline*: also run ``server-w1`` from that source tree, as ``baseline-w1``."""
     out.mkdir(parents=True, exist_ok=True)
     workers = settings.workers
-    variants = standard_variants(workers)
+    variants = standard_variants(workers) + scale_variants(settings.policy_counts, SCALE_SCENARIO)
     if baseline:
         variants.append(Variant("baseline-w1", "server", 1, label=f"Envoy + authz-server from {baseline}, 1 worker",
                                 source=baseline))
@@ -129,14 +138,19 @@ def run(settings: Settings, out: Path, only: Sequence[str] = (), baseline: str =
         for round_no, pool in enumerate(pools):
             order = targets[round_no % len(targets):] + targets[: round_no % len(targets)]
             for scenario in scenarios(settings):
-                for target in order:
+                for target in (t for t in order if t.variant.runs(scenario.name)):
                     log = out / "processes" / "h2load.log"
                     trial = run_trial(target, scenario, settings, token, pool, log)
                     trial["round"] = round_no
                     trials.append(trial)
                     print(f"  round {round_no} {scenario.name:<20} {target.variant.name:<10} "
                           f"{trial['rps']:8.0f} req/s  p99 {trial['p99_ms']:6.2f} ms", flush=True)
-    results = report.summarise(trials, variants, settings=asdict(settings), workers=workers)
+        servers = {t.variant.name: {"ready_s": t.ready_s, "rss_mb": measure.rss_mb(t.backend_pid)}
+                   for t in targets if t.variant.backend == "server" and t.backend_pid}
+    for target in targets:  # the logs are complete once the group has stopped every process
+        if target.variant.name in servers and target.variant.decision_log and target.variant.workers > 1:
+            servers[target.variant.name]["checks_per_worker"] = measure.checks_per_worker(target.backend_log)
+    results = report.summarise(trials, variants, settings=asdict(settings), workers=workers, servers=servers)
     report.write_all(results, out)
     return results
 
@@ -152,12 +166,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--variants", default="", help="comma-separated variants to run [all]")
     parser.add_argument("--baseline", default="", help="also run server-w1 from this source tree "
                         "(e.g. a checkout of main) as variant baseline-w1, side by side")
+    parser.add_argument("--policy-counts", type=lambda t: tuple(int(n) for n in t.split(",") if n),
+                        help="policies in scope for the policy-count scale, comma-separated [100,1000,5000]")
     args = parser.parse_args(argv)
     base = SMOKE if args.smoke else FULL
     overrides = {
         name: value for name, value in (
             ("trials", args.trials), ("duration_s", args.duration), ("fixed_duration_s", args.duration),
-            ("workers", args.workers), ("pool_size", args.pool_size),
+            ("workers", args.workers), ("pool_size", args.pool_size), ("policy_counts", args.policy_counts),
         ) if value is not None
     }
     settings = Settings(**{**asdict(base), **overrides})

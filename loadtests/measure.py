@@ -147,6 +147,34 @@ def usage(root_pid: int) -> Usage:
     return Usage(cpu, switches)
 
 
+def rss_mb(root_pid: int) -> float:
+    """Resident memory of *root_pid* and its descendants (``VmRSS``), in MiB."""
+    total_kb = 0
+    for pid in (root_pid, *_descendants(root_pid)):
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total_kb += int(line.split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total_kb / 1024
+
+
+def checks_per_worker(log_path: Path) -> list[int]:
+    """Decision-log lines per worker (``"worker":N``) in a server's log, the busiest first.
+
+    The exact split of Checks over a multi-worker server, where the CPU split only suggests it.
+    """
+    counts: dict[int, int] = {}
+    with log_path.open("rb") as log:
+        for line in log:
+            at = line.find(b'"worker":')
+            if line.startswith(b"{") and at >= 0:
+                worker = int(line[at + 9:].split(b",", 1)[0].split(b"}", 1)[0])
+                counts[worker] = counts.get(worker, 0) + 1
+    return sorted(counts.values(), reverse=True)
+
+
 def machine_busy_s() -> float:
     """CPU seconds all cores spent not idle since boot (``/proc/stat``, idle and iowait excluded)."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]

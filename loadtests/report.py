@@ -20,7 +20,9 @@ GO_REFERENCE_RPS = 4800
 Not measured by this benchmark (no Go toolchain in the project); compared against as given."""
 
 
-def summarise(trials: list[dict], variants: Sequence[Variant], *, settings: dict, workers: int) -> dict:
+def summarise(trials: list[dict], variants: Sequence[Variant], *, settings: dict, workers: int,
+              servers: dict[str, dict] | None = None) -> dict:
+    """Rows per (variant, scenario); *servers* adds each server's start time, RSS, worker split."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for trial in trials:
         groups[(trial["variant"], trial["scenario"])].append(trial)
@@ -49,7 +51,9 @@ def summarise(trials: list[dict], variants: Sequence[Variant], *, settings: dict
     results = {
         "settings": settings,
         "workers": workers,
-        "variants": [{"name": v.name, "label": v.label} for v in variants],
+        "variants": [{"name": v.name, "label": v.label, "policies": v.policies, "mix": v.mix, "pool": v.pool,
+                      "workers": v.workers, "decision_log": v.decision_log} for v in variants],
+        "servers": servers or {},
         "rows": rows,
         "trials": trials,
     }
@@ -74,7 +78,9 @@ def targets(results: dict) -> list[dict]:
     def ratio(a: dict | None, b: dict | None, key: str = "rps") -> float | None:
         return a[key] / b[key] if a and b and b[key] else None
 
-    servers = [v["name"] for v in results["variants"] if v["name"].startswith("server-")]
+    # Issue 6's targets, for the server variants as tuned then (decision log off, benchmark pool).
+    servers = [v["name"] for v in results["variants"]
+               if v["name"].startswith("server-") and not v.get("decision_log") and v.get("pool", "bench") == "bench"]
     noop = row(results, "noop", "max/repeated")
     for name in servers:
         repeated = row(results, name, "max/repeated")
@@ -91,7 +97,86 @@ def targets(results: dict) -> list[dict]:
             if mine and alone:
                 check(f"{name}: p99 added over Envoy alone at 1,000 req/s",
                       mine["p99_ms"] - alone["p99_ms"], 2.0, False, "ms")
+    # Issue 13: the default configuration as fast as the tuned one.
+    for scenario, shape, limit in (("max/repeated", "A", 80), ("max/pool", "B", 140)):
+        default, tuned = row(results, "server-w1-default", scenario), row(results, "server-w1", scenario)
+        check(f"default settings RPS / --decision-log off, {shape} ({scenario})", ratio(default, tuned), 0.9, True, "x")
+        if default:
+            check(f"default settings: server CPU per Check, {shape} ({scenario})",
+                  default["server_cpu_us_per_req"], limit, False, "µs")
+    # Issue 13: cost per Check that does not grow with the number of policies.
+    base = row(results, "server-w1", "max/repeated")
+    for variant in scale_variants(results):
+        scaled = row(results, variant["name"], "max/repeated")
+        if variant["policies"] == max_policies(results):
+            check(f"{variant['name']}: server CPU per Check / 1 policy", ratio(scaled, base, "server_cpu_us_per_req"),
+                  2.0, False, "x")
+            server = results.get("servers", {}).get(variant["name"], {})
+            if server.get("ready_s") is not None:
+                check(f"{variant['name']}: start → ready", server["ready_s"], 2.0, False, "s")
+            if server.get("rss_mb"):
+                check(f"{variant['name']}: RSS", server["rss_mb"], 150, False, "MB")
     return found
+
+
+def scale_variants(results: dict) -> list[dict]:
+    """The policy-count variants, fewest policies first."""
+    return sorted((v for v in results["variants"] if v["name"].startswith("scale-")),
+                  key=lambda v: (v["policies"], v["mix"]))
+
+
+def max_policies(results: dict) -> int:
+    return max((v["policies"] for v in scale_variants(results)), default=0)
+
+
+def headline(results: dict) -> list[str]:
+    """The issue's table: Envoy's own jwt_authn + RBAC and this server's configurations, one run."""
+    names = ["native", "server-w1", "server-w1-default", *(v["name"] for v in results["variants"]
+                                                            if v["name"].startswith("server-w2-")),
+             *(v["name"] for v in scale_variants(results) if v["policies"] == max_policies(results))]
+    lines = ["| variant | A RPS | A server µs/Check | B RPS | B server µs/Check |", "|---|---|---|---|---|"]
+    for name in names:
+        cells = []
+        for scenario in ("max/repeated", "max/pool"):
+            r = row(results, name, scenario)
+            cells += [f"{r['rps']:,.0f}", f"{r['server_cpu_us_per_req']:.0f}" if r["server_cpu_us_per_req"] else "–"] \
+                if r else ["–", "–"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def scale_table(results: dict) -> list[str]:
+    """RPS, server CPU per Check, start → ready and RSS per number of policies in scope."""
+    lines = ["| policies in scope | mix | variant | RPS | server µs/Check | × 1 policy | start → ready s | RSS MB |",
+             "|---|---|---|---|---|---|---|---|"]
+    base = row(results, "server-w1", "max/repeated")
+    points = [({"name": "server-w1", "policies": 1, "mix": "realistic"}), *scale_variants(results)]
+    for v in points:
+        r = row(results, v["name"], "max/repeated")
+        if not r:
+            continue
+        server = results.get("servers", {}).get(v["name"], {})
+        times = (f"{r['server_cpu_us_per_req'] / base['server_cpu_us_per_req']:.2f}"
+                 if base and base["server_cpu_us_per_req"] else "–")
+        ready = f"{server['ready_s']:.2f}" if server.get("ready_s") is not None else "–"
+        rss = f"{server['rss_mb']:.0f}" if server.get("rss_mb") else "–"
+        lines.append(f"| {v['policies']:,} | {v['mix']} | {v['name']} | {r['rps']:,.0f} "
+                     f"| {r['server_cpu_us_per_req']:.0f} | {times} | {ready} | {rss} |")
+    return lines
+
+
+def worker_split(results: dict) -> list[str]:
+    """Checks per worker (from the decision log) for the multi-worker variants that log."""
+    lines = ["| variant | pool caps | Checks per worker | share |", "|---|---|---|---|"]
+    for v in results["variants"]:
+        counts = results.get("servers", {}).get(v["name"], {}).get("checks_per_worker")
+        if counts is None:
+            continue
+        counts = counts + [0] * (v["workers"] - len(counts))
+        total = sum(counts) or 1
+        lines.append(f"| {v['name']} | {v['pool']} | {' / '.join(f'{c:,}' for c in counts)} "
+                     f"| {' / '.join(f'{c / total:.0%}' for c in counts)} |")
+    return lines
 
 
 def markdown(results: dict) -> str:
@@ -114,8 +199,13 @@ def markdown(results: dict) -> str:
     lines += ["", "*other CPU*: cores busy with work outside Envoy, the backend and the load generator "
               "(median over rounds)" + (f"; up to {noisy:.2f} here, so treat these figures as disturbed."
                                         if noisy > 0.1 else ".")]
-    lines += ["", "Variants: " + "; ".join(f"`{name}` {label}" for name, label in labels.items()), "",
-              "| target | measured | limit | met |", "|---|---|---|---|"]
+    lines += ["", "Variants: " + "; ".join(f"`{name}` {label}" for name, label in labels.items()),
+              "", "## Side by side (A: one token repeated, B: a pool of distinct tokens)", "", *headline(results)]
+    if scale_variants(results):
+        lines += ["", "## Policies in scope (max/repeated)", "", *scale_table(results)]
+    if len(worker_split(results)) > 2:
+        lines += ["", "## Checks per worker (decision log, whole run)", "", *worker_split(results)]
+    lines += ["", "## Targets", "", "| target | measured | limit | met |", "|---|---|---|---|"]
     for t in results["targets"]:
         lines.append(f"| {t['target']} | {t['value']:,} {t['unit']} | {t['comparison']} {t['limit']:,} {t['unit']} "
                      f"| {'yes' if t['met'] else '**no**'} |")
@@ -129,7 +219,7 @@ def chart(results: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [v["name"] for v in results["variants"]]
+    names = [v["name"] for v in results["variants"] if not v["name"].startswith("scale-")]
     latency_scenarios = sorted({r["scenario"] for r in results["rows"] if r["scenario"] != "max/pool"},
                                key=_scenario_key)
     fig, axes = plt.subplots(1, 1 + len(latency_scenarios), figsize=(5 * (1 + len(latency_scenarios)), 4.5))
@@ -154,10 +244,47 @@ def chart(results: dict, path: Path) -> Path:
     return path
 
 
+def scale_chart(results: dict, path: Path) -> Path:
+    """Server CPU per Check and RPS against the number of policies in scope (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (cpu, rps) = plt.subplots(1, 2, figsize=(10, 4.2))
+    base = row(results, "server-w1", "max/repeated")
+    for mix in ("realistic", "distinct"):
+        points = [(v["policies"], row(results, v["name"], "max/repeated")) for v in scale_variants(results)
+                  if v["mix"] == mix]
+        if base:
+            points.insert(0, (1, base))
+        points = [(n, r) for n, r in points if r]
+        if len(points) < 2 and mix == "distinct":
+            points = [(n, r) for n, r in points if n > 1]
+        if not points:
+            continue
+        style = "o-" if mix == "realistic" else "s"
+        cpu.plot([n for n, _ in points], [r["server_cpu_us_per_req"] for _, r in points], style, label=mix)
+        rps.plot([n for n, _ in points], [r["rps"] for _, r in points], style, label=mix)
+    for ax, title, unit in ((cpu, "server CPU per Check", "µs"), (rps, "throughput through Envoy", "requests/s")):
+        ax.set_xscale("log")
+        ax.set_xlabel("AuthorizationPolicies in scope")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_all(results: dict, out: Path) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
     (out / "results.md").write_text(markdown(results))
     chart(results, out / "results.png")
+    if scale_variants(results):
+        scale_chart(results, out / "scale.png")
 
 
 def _label_axis(ax: Any, names: list[str]) -> None:

@@ -24,7 +24,7 @@ from authz_server.demo.processes import (
     ProcessGroup, exit_on_sigterm, free_port, port_open,
 )
 
-from . import tokens
+from . import policy_mix, tokens
 from .variants import Variant, envoy_config
 
 SERVER_LOG_LEVEL = "WARNING"
@@ -32,22 +32,28 @@ SERVER_LOG_LEVEL = "WARNING"
 
 @dataclass(frozen=True)
 class Target:
-    """A started variant: where Envoy listens and which pids to charge CPU to."""
+    """A started variant: where Envoy listens, which pids to charge CPU to, how long start took."""
 
     variant: Variant
     envoy_port: int
     envoy_pid: int
     backend_pid: int | None
     authz_port: int | None
+    #: seconds from starting the server to its gRPC health saying SERVING (policies loaded)
+    ready_s: float | None = None
+    #: the server's log (its stdout: the decision log when on)
+    backend_log: Path | None = None
 
 
-def server_args(workers: int, serving: str = "fast") -> list[str]:
-    """Benchmark settings: quiet logs, no decision log, *workers* processes, the serving layer.
+def server_args(workers: int, serving: str = "fast", decision_log: bool = False) -> list[str]:
+    """Benchmark settings: quiet logs, *workers* processes, the serving layer, the decision log.
 
-    Metrics stay on (as deployed), on a port of their own so several servers can run at once.
+    Metrics stay on (as deployed), on a port of their own so several servers can run at once. The
+    decision log is off unless asked for, then left at its defaults (stdout, every allow logged).
     """
-    return ["--workload-namespace", tokens.NAMESPACE, "--log-level", SERVER_LOG_LEVEL, "--decision-log", "off",
+    args = ["--workload-namespace", tokens.NAMESPACE, "--log-level", SERVER_LOG_LEVEL,
             "--metrics-listen", f"127.0.0.1:{free_port()}", "--workers", str(workers), "--serving", serving]
+    return args if decision_log else [*args, "--decision-log", "off"]
 
 
 def start_target(
@@ -58,14 +64,24 @@ def start_target(
     *,
     upstream: ec.Upstream | None = None,
 ) -> Target:
-    """Start *variant*'s backend (if any), then its Envoy; both ready on return."""
-    backend_pid = authz_port = None
+    """Start *variant*'s backend (if any), then its Envoy; both ready on return.
+
+    A variant with more than one policy in scope gets its own policy file next to *policies*.
+    """
+    backend_pid = authz_port = ready_s = backend_log = None
     if variant.backend == "server":
         authz_port = free_port()
-        backend_pid = group.start_authz_server(
-            policies, authz_port, server_args(variant.workers, variant.serving), name=f"{variant.name}-server",
+        if variant.policies > 1:
+            policies = policy_mix.write(key, variant.policies, policies.with_name(f"policies-{variant.name}.yaml"),
+                                        variant.mix)
+        started = time.monotonic()
+        server = group.start_authz_server(
+            policies, authz_port, server_args(variant.workers, variant.serving, variant.decision_log),
+            name=f"{variant.name}-server", timeout_s=120,
             env={"PYTHONPATH": variant.source} if variant.source else None,
-        ).pid
+        )
+        ready_s = time.monotonic() - started
+        backend_pid, backend_log = server.pid, server.log_path
     elif variant.backend == "noop":
         authz_port = free_port()
         argv = [sys.executable, "-m", "loadtests.noop_server", "--listen", f"127.0.0.1:{authz_port}"]
@@ -78,7 +94,7 @@ def start_target(
         jwks=key.jwks, upstream=upstream,
     )
     envoy = group.start_envoy(f"{variant.name}-envoy", config)
-    return Target(variant, envoy_port, envoy.pid, backend_pid, authz_port)
+    return Target(variant, envoy_port, envoy.pid, backend_pid, authz_port, ready_s, backend_log)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -5,19 +5,30 @@
   (same issuer, audience, inline JWKS, principal and ``group`` claim): the in-proxy limit;
 * ``noop`` — ext_authz to :mod:`loadtests.noop_server` (answers OK): the Python gRPC floor;
 * ``server-grpcio-w1`` — this server on the grpcio serving layer (what the fast layer replaces);
-* ``server-wN`` — ext_authz to this server (fast serving layer) with N worker processes.
+* ``server-wN`` — ext_authz to this server (fast serving layer) with N worker processes and
+  ``--decision-log off``;
+* ``server-w1-default`` — the same with the server's default observability (decision log on
+  stdout, every allow logged, metrics): the configuration most deployments run;
+* ``server-w2-chart`` / ``server-w2-demo`` — 2 workers, default settings, Envoy's pool capped as the
+  Helm chart's DestinationRule (``values.yaml``) or the demo's ``AuthzSettings`` cap it: how Checks
+  split over the workers with what ships;
+* ``scale-<N>[-distinct]`` — ``server-w1`` with N AuthorizationPolicies in scope
+  (:mod:`loadtests.policy_mix`), for the policy-count scale.
 
-The ext_authz variants use the kit's :class:`~authz_server.demo.envoy_config.AuthzSettings` pool
-caps (:data:`STREAMS_PER_CONNECTION` streams, 1,000 requests per connection) so Envoy opens several
-HTTP/2 connections and the kernel's SO_REUSEPORT spreads them over
-the server's workers. Without an upstream the route answers itself (``direct_response``): a Python
-echo app would cap every variant at its own speed and hide the differences being measured.
+The other ext_authz variants use the kit's :class:`~authz_server.demo.envoy_config.AuthzSettings`
+with :data:`STREAMS_PER_CONNECTION` streams and 1,000 requests per connection, so Envoy opens
+several HTTP/2 connections and the kernel's SO_REUSEPORT spreads them over the server's workers.
+Without an upstream the route answers itself (``direct_response``): a Python echo app would cap
+every variant at its own speed and hide the differences being measured.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from authz_server.demo import envoy_config as ec
 
@@ -29,6 +40,8 @@ _PROVIDER = "bench"
 STREAMS_PER_CONNECTION = 8
 """Envoy's cap on concurrent Checks per HTTP/2 connection to the backend: at wrk -c64 the pool
 opens about eight connections, enough for SO_REUSEPORT to give every worker a share."""
+CHART_VALUES = Path(__file__).resolve().parents[1] / "deploy" / "helm" / "istio-ext-authz" / "values.yaml"
+POOLS = ("bench", "chart", "demo")
 
 
 @dataclass(frozen=True)
@@ -42,26 +55,71 @@ class Variant:
     serving: str = "fast"  # the server's serving layer (--serving)
     #: run the server from this source tree instead (PYTHONPATH): a baseline checkout to compare
     source: str = ""
+    #: the server's default decision log (stdout) instead of ``--decision-log off``
+    decision_log: bool = False
+    #: AuthorizationPolicies in the workload's scope (1: the benchmark's own only)
+    policies: int = 1
+    mix: str = "realistic"
+    #: how Envoy's pool to the server is capped: the benchmark's, the chart's or the demo's
+    pool: str = "bench"
+    #: the scenarios it runs (empty: all)
+    scenarios: tuple[str, ...] = ()
 
     @property
     def checks_externally(self) -> bool:
         return self.backend in ("noop", "server")
 
+    def runs(self, scenario: str) -> bool:
+        return not self.scenarios or scenario in self.scenarios
+
 
 def standard_variants(workers: int) -> list[Variant]:
-    """The issue's list: Envoy alone, native, Python floor, this server with 1 and *workers*."""
+    """The reference points, this server with 1 and *workers* workers, defaults, shipped pools."""
     variants = [
         Variant("envoy", "none", label="Envoy, no auth filter"),
         Variant("native", "native", label="Envoy jwt_authn + RBAC"),
         Variant("noop", "noop", label="Envoy + do-nothing grpc.aio Check"),
         Variant("server-grpcio-w1", "server", 1, label="Envoy + authz-server on grpcio, 1 worker", serving="grpcio"),
-        Variant("server-w1", "server", 1, label="Envoy + authz-server, 1 worker"),
+        Variant("server-w1", "server", 1, label="Envoy + authz-server, 1 worker, --decision-log off"),
+        Variant("server-w1-default", "server", 1, decision_log=True,
+                label="Envoy + authz-server, 1 worker, default settings (decision log on)"),
     ]
     if workers > 1:
-        variants.append(
-            Variant(f"server-w{workers}", "server", workers, label=f"Envoy + authz-server, {workers} workers")
-        )
+        variants.append(Variant(f"server-w{workers}", "server", workers,
+                                label=f"Envoy + authz-server, {workers} workers, --decision-log off"))
+    for pool in ("chart", "demo"):
+        variants.append(Variant(f"server-w2-{pool}", "server", 2, decision_log=True, pool=pool,
+                                label=f"Envoy + authz-server, 2 workers, default settings, {pool}'s connection pool"))
     return variants
+
+
+def scale_variants(counts: tuple[int, ...], scenario: str) -> list[Variant]:
+    """``server-w1`` with each count of policies in scope (realistic mix), the largest also distinct."""
+    variants = [Variant(f"scale-{n}", "server", 1, policies=n, scenarios=(scenario,),
+                        label=f"Envoy + authz-server, 1 worker, {n:,} policies in scope (realistic mix)")
+                for n in counts]
+    if counts:
+        n = max(counts)
+        variants.append(Variant(f"scale-{n}-distinct", "server", 1, policies=n, mix="distinct", scenarios=(scenario,),
+                                label=f"Envoy + authz-server, 1 worker, {n:,} policies, each its own host or path"))
+    return variants
+
+
+def pool_settings(variant: Variant, authz_port: int) -> ec.AuthzSettings:
+    """Envoy's connection pool to the server for *variant*."""
+    if variant.pool == "demo":
+        return ec.AuthzSettings(port=authz_port)  # the demo's defaults
+    if variant.pool == "chart":
+        streams, requests = chart_pool_caps()
+        return ec.AuthzSettings(port=authz_port, max_concurrent_streams=streams, max_requests_per_connection=requests)
+    return ec.AuthzSettings(port=authz_port, max_concurrent_streams=STREAMS_PER_CONNECTION)
+
+
+def chart_pool_caps(values: Path = CHART_VALUES) -> tuple[int | None, int | None]:
+    """The chart's DestinationRule ``connectionPool.http`` caps, as Istio renders them for Envoy."""
+    chart = yaml.safe_load(values.read_text())
+    http = chart["istio"]["destinationRule"]["trafficPolicy"].get("connectionPool", {}).get("http", {})
+    return http.get("maxConcurrentStreams"), http.get("maxRequestsPerConnection")
 
 
 def envoy_config(
@@ -79,7 +137,7 @@ def envoy_config(
     if variant.checks_externally:
         if authz_port is None:
             raise ValueError(f"variant {variant.name} needs authz_port")
-        settings = authz or ec.AuthzSettings(port=authz_port, max_concurrent_streams=STREAMS_PER_CONNECTION)
+        settings = authz or pool_settings(variant, authz_port)
     workload = ec.Workload("bench", tokens.NAMESPACE, tokens.WORKLOAD_LABELS)
     # As the Helm chart configures a sidecar: the EnvoyFilter merge sends the workload's labels.
     proxy = ec.Proxy(admin_port, workload, settings, access_log=False,

@@ -21,7 +21,8 @@ from authz_server.demo.processes import envoy_binary
 
 
 ROOT = Path(__file__).resolve().parents[2]
-EXPECTED_VARIANTS = {"envoy", "native", "noop", "server-grpcio-w1", "server-w1", "server-w2"}
+EXPECTED_VARIANTS = {"envoy", "native", "noop", "server-grpcio-w1", "server-w1", "server-w2", "server-w1-default",
+                     "server-w2-chart", "server-w2-demo", "scale-50", "scale-50-distinct"}
 
 
 def test_load_tools_are_installed() -> None:
@@ -64,6 +65,25 @@ def test_cpu_charged_to_the_backends(results: tuple[dict, Path]) -> None:
 def test_reports_written(results: tuple[dict, Path]) -> None:
     data, out = results
     assert (out / "results.png").stat().st_size > 0
+    assert (out / "scale.png").stat().st_size > 0
     table = (out / "results.md").read_text()
     assert all(f"| {name} |" in table for name in EXPECTED_VARIANTS)
+    assert "## Policies in scope" in table and "## Checks per worker" in table
     assert data["targets"], "the issue's targets are evaluated"
+
+
+def test_policy_scale_servers_report_start_time_and_memory(results: tuple[dict, Path]) -> None:
+    data, _ = results
+    for name in ("scale-50", "scale-50-distinct", "server-w1"):
+        server = data["servers"][name]
+        assert server["ready_s"] > 0 and server["rss_mb"] > 0, server
+    scale_rows = [r for r in data["rows"] if r["variant"].startswith("scale-")]
+    assert {r["scenario"] for r in scale_rows} == {"max/repeated"}
+
+
+def test_checks_are_split_per_worker_from_the_decision_log(results: tuple[dict, Path]) -> None:
+    data, _ = results
+    for name in ("server-w2-chart", "server-w2-demo"):
+        counts = data["servers"][name]["checks_per_worker"]
+        requests = sum(r["requests"] for r in data["rows"] if r["variant"] == name)
+        assert 1 <= len(counts) <= 2 and sum(counts) >= requests, (name, counts, requests)
