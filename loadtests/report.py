@@ -253,17 +253,11 @@ def scale_chart(results: dict, path: Path) -> Path:
 
     fig, (cpu, rps) = plt.subplots(1, 2, figsize=(10, 4.2))
     base = row(results, "server-w1", "max/repeated")
-    for mix in ("realistic", "distinct"):
-        points = [(v["policies"], row(results, v["name"], "max/repeated")) for v in scale_variants(results)
-                  if v["mix"] == mix]
-        if base:
-            points.insert(0, (1, base))
+    for mix, style in (("realistic", "o-"), ("distinct", "s--")):
+        # every series starts at the one-policy point, server-w1
+        points = [(1, base), *((v["policies"], row(results, v["name"], "max/repeated"))
+                               for v in scale_variants(results) if v["mix"] == mix)]
         points = [(n, r) for n, r in points if r]
-        if len(points) < 2 and mix == "distinct":
-            points = [(n, r) for n, r in points if n > 1]
-        if not points:
-            continue
-        style = "o-" if mix == "realistic" else "s"
         cpu.plot([n for n, _ in points], [r["server_cpu_us_per_req"] for _, r in points], style, label=mix)
         rps.plot([n for n, _ in points], [r["rps"] for _, r in points], style, label=mix)
     for ax, title, unit in ((cpu, "server CPU per Check", "µs"), (rps, "throughput through Envoy", "requests/s")):

@@ -123,8 +123,9 @@ def _lower_case_names(sent: Mapping[str, str]) -> dict[str, str]:
     direct gRPC client) make the request malformed: a protobuf map has no order to merge them
     by, and picking one would let the decision differ between processes.
     """
-    headers = dict(sent)
-    if all(k.islower() or k.lower() == k for k in headers):
+    # (A comprehension reads a protobuf map faster than dict(); one joined string is checked at once.)
+    headers = {k: sent[k] for k in sent}
+    if (names := "".join(headers)) == names.lower():
         return headers
     lowered: dict[str, str] = {}
     for name, value in headers.items():
