@@ -75,6 +75,8 @@ class PolicyStore:
         if not (policy_set.authorization_policies or policy_set.request_authentications):
             log.warning("policy set at %s is empty: every request is allowed (--allow-empty-policies)", self.path)
         engine = PolicyEngine(policy_set, self.mesh, self.authenticator_factory)
+        if self._engine is not None:
+            engine.warm_like(self._engine)
         self._engine = engine
         self.generation += 1
         self.last_good_at = policy_set.loaded_at

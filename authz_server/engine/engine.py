@@ -21,6 +21,8 @@ from authz_server.jwt.rules import JwtRule
 from authz_server.policy.model import Action, RequestAuthentication
 
 WORKLOAD_CACHE_SIZE = 4096
+#: workloads a new engine prepares before it serves (the most recent ones of the engine it replaces)
+WARM_WORKLOADS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +91,12 @@ class PolicyEngine:
                 self._views.clear()
             self._views[key] = view
         return view
+
+    def warm_like(self, previous: PolicyEngine, limit: int = WARM_WORKLOADS) -> None:
+        """Prepare the views *previous* served most recently, so that after a reload (run off the
+        event loop) no Check waits for its workload's policies to be selected and indexed."""
+        for namespace, labels, kind, service in list(previous._views)[-limit:]:
+            self.for_workload(Workload(namespace, dict(labels), kind), service)
 
     def _select(self, workload: Workload, service: tuple[str, str] | None) -> WorkloadView:
         root = self.mesh.root_namespace

@@ -17,10 +17,10 @@ import pytest
 
 from authz_server.engine.compiler import compile_policy
 from authz_server.engine.decide import WorkloadPolicies
-from authz_server.engine.engine import MeshSettings
+from authz_server.engine.engine import MeshSettings, PolicyEngine
 from authz_server.engine.index import IndexedGroup, ScanGroup, rule_group
 from authz_server.engine.request import RequestAttributes, RequestAuth, Workload, parse_ip
-from authz_server.policy.loader import parse_documents
+from authz_server.policy.loader import PolicySet, parse_documents
 
 TRUST_DOMAINS = ["cluster.local", "other.td"]
 NAMESPACES = ["foo", "bar", "team-1", "istio-system"]
@@ -289,3 +289,20 @@ def test_templates_are_keyed_by_their_literal_prefix_and_claims_by_each_string()
     auth = RequestAuth("iss", "sub", {"groups": [1, "dev", "ops"]})
     assert candidates(group, path="/api/v1/users", auth=auth) == [0, 1]
     assert candidates(group, path="/apx", auth=RequestAuth("iss", "sub", {"groups": 7})) == []
+
+
+def test_a_reloaded_engine_has_the_recent_workloads_indexed_before_it_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    text = "\n---\n".join(json.dumps(ap([{"to": [{"operation": {"paths": [f"/p{i}"]}}]}], f"p{i}")) for i in range(20))
+    aps: list = []
+    parse_documents(text, "t.yaml", aps, [], [])
+    policy_set = PolicySet("t.yaml", tuple(aps), (), ())
+    previous, current = PolicyEngine(policy_set), PolicyEngine(policy_set)
+    workloads = [Workload("foo", {"app": f"a{i}"}) for i in range(3)]
+    for workload in workloads:
+        previous.for_workload(workload)
+    current.warm_like(previous)
+    monkeypatch.setattr(current, "_select", lambda *a: pytest.fail("selected while serving"))
+    for workload in workloads:
+        view = current.for_workload(workload)
+        assert isinstance(view.policies._groups[1], IndexedGroup)
+        assert view.policies.decide(RequestAttributes(path="/p7", workload=workload)).policy.name == "p7"
