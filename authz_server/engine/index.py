@@ -171,14 +171,17 @@ def _space_reader(space: Space) -> Callable[[RequestAttributes], Iterable[Any] |
 class _ValueSpace:
     """One attribute's buckets: exact values hashed, prefixes and suffixes hashed per length."""
 
-    __slots__ = ("read", "exact", "prefixes", "suffixes", "present")
+    __slots__ = ("read", "exact", "present", "_prefixes", "_suffixes", "prefix_tables", "suffix_tables")
 
     def __init__(self, space: Space) -> None:
         self.read = _space_reader(space)
         self.exact: dict[Any, list[int]] = {}
-        self.prefixes: dict[int, dict[str, list[int]]] | tuple[tuple[int, dict[str, list[int]]], ...] = {}
-        self.suffixes: dict[int, dict[str, list[int]]] | tuple[tuple[int, dict[str, list[int]]], ...] = {}
         self.present: list[int] = []
+        self._prefixes: dict[int, dict[str, list[int]]] = {}
+        self._suffixes: dict[int, dict[str, list[int]]] = {}
+        #: (length, {prefix of that length: rules}), filled by :meth:`freeze`
+        self.prefix_tables: tuple[tuple[int, dict[str, list[int]]], ...] = ()
+        self.suffix_tables: tuple[tuple[int, dict[str, list[int]]], ...] = ()
 
     def add(self, key: Key, seq: int) -> None:
         kind = key[0]
@@ -187,31 +190,29 @@ class _ValueSpace:
         elif kind == "*":
             self.present.append(seq)
         else:
-            table = self.prefixes if kind == "^" else self.suffixes
-            assert isinstance(table, dict)
+            table = self._prefixes if kind == "^" else self._suffixes
             table.setdefault(len(key[1]), {}).setdefault(key[1], []).append(seq)
 
     def freeze(self) -> None:
-        assert isinstance(self.prefixes, dict) and isinstance(self.suffixes, dict)
-        self.prefixes = tuple(sorted(self.prefixes.items()))
-        self.suffixes = tuple(sorted(self.suffixes.items()))
+        self.prefix_tables = tuple(sorted(self._prefixes.items()))
+        self.suffix_tables = tuple(sorted(self._suffixes.items()))
 
     def collect(self, req: RequestAttributes, out: set[int]) -> None:
         values = self.read(req)
         if values is None:
             return
-        exact, prefixes, suffixes = self.exact, self.prefixes, self.suffixes
+        exact, prefixes, suffixes = self.exact, self.prefix_tables, self.suffix_tables
         seen = False
         for value in values:
             seen = True
             hit = exact.get(value)
             if hit:
                 out.update(hit)
-            for length, table in prefixes:  # type: ignore[misc]
+            for length, table in prefixes:
                 hit = table.get(value[:length])
                 if hit:
                     out.update(hit)
-            for length, table in suffixes:  # type: ignore[misc]
+            for length, table in suffixes:
                 hit = table.get(value[len(value) - length:])
                 if hit:
                     out.update(hit)
@@ -222,20 +223,22 @@ class _ValueSpace:
 class _NetworkSpace:
     """One address attribute's CIDR buckets: the address masked once per distinct prefix length."""
 
-    __slots__ = ("read", "tables")
+    __slots__ = ("read", "_tables", "tables")
 
     def __init__(self, space: Space) -> None:
         self.read = extractor(*space)
-        #: version -> [(shift, {network >> shift: seqs})]
-        self.tables: dict[int, Any] = {4: {}, 6: {}}
+        #: version -> {host bits: {network >> host bits: rules}}
+        self._tables: dict[int, dict[int, dict[int, list[int]]]] = {4: {}, 6: {}}
+        #: the same as tuples, filled by :meth:`freeze`
+        self.tables: dict[int, tuple[tuple[int, dict[int, list[int]]], ...]] = {4: (), 6: ()}
 
     def add(self, key: Key, seq: int) -> None:
         _, version, length, network = key
         shift = (32 if version == 4 else 128) - length
-        self.tables[version].setdefault(shift, {}).setdefault(network >> shift, []).append(seq)
+        self._tables[version].setdefault(shift, {}).setdefault(network >> shift, []).append(seq)
 
     def freeze(self) -> None:
-        self.tables = {version: tuple(sorted(t.items())) for version, t in self.tables.items()}
+        self.tables = {version: tuple(sorted(t.items())) for version, t in self._tables.items()}
 
     def collect(self, req: RequestAttributes, out: set[int]) -> None:
         ip = self.read(req)
