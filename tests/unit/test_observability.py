@@ -69,7 +69,7 @@ def test_flushing_from_another_thread_while_recording_loses_and_doubles_nothing(
     done = threading.Event()
 
     def scrape() -> None:
-        while not done.is_set():
+        while not done.wait(0.0005):
             recorder.flush()
 
     scraper = threading.Thread(target=scrape)
