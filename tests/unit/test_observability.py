@@ -150,3 +150,14 @@ def test_a_blocked_output_drops_counted_lines_instead_of_blocking_checks(
     warned = [int(n) for n in re.findall(r"(\d+) lines dropped", caplog.text)]
     assert sum(warned) == sum(dropped)  # said once the output moved again
     assert all(json.loads(line)["status"] == 200 for line in lines)
+
+
+def test_a_regular_file_gets_whole_batches_and_every_line(tmp_path) -> None:
+    path = tmp_path / "decisions.log"
+    with path.open("w") as out:
+        log = decision_log.DecisionLog(out)
+        for _ in range(3_000):
+            log.record(verdict(), ATTRS, 0.0001)
+        log.close()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3_000 and all(json.loads(line)["request_id"] == "r" for line in lines)
