@@ -166,7 +166,6 @@ class App:
 
     async def _sync_forever(self) -> None:
         while True:
-            metrics.flush()
             self.sync_metrics()
             if self.decision_log is not None:
                 self.decision_log.flush()

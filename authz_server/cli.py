@@ -223,9 +223,7 @@ def _serve_one(args: argparse.Namespace, tls: RotatingCertificates | None) -> in
     async def run() -> int:
         app = App(args)
         if endpoint is not None:
-            from authz_server.observability import metrics
-
-            endpoint.attach(app.readiness, before_scrape=metrics.flush)
+            endpoint.attach(app.readiness)
             endpoint.start()
         try:
             return await AuthzGrpcServer(app, args.listen, args.grace_period, tls, args.serving).run()

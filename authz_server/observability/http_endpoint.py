@@ -28,7 +28,6 @@ def _starting() -> tuple[bool, str]:
 class OpsEndpoint:
     def __init__(self, listen: str, registry: CollectorRegistry, ready: Readiness = _starting,
                  alive: Callable[[], bool] = lambda: True) -> None:
-        """Serve *registry*; :meth:`attach` adds the server's readiness and its batched samples."""
         host, _, port = listen.rpartition(":")
         endpoint = self
 
@@ -36,7 +35,6 @@ class OpsEndpoint:
             def do_GET(self) -> None:  # noqa: N802
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
-                    endpoint.before_scrape()
                     self._reply(200, generate_latest(endpoint.registry), CONTENT_TYPE_LATEST)
                 elif path == "/healthz":
                     ok = endpoint.alive()
@@ -60,8 +58,6 @@ class OpsEndpoint:
         self.registry = registry
         self.ready = ready
         self.alive = alive
-        #: brings batched samples up to date before each scrape (a server's per-Check counts)
-        self.before_scrape: Callable[[], None] = lambda: None
         self.server = ThreadingHTTPServer((host or "0.0.0.0", int(port)), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
@@ -77,12 +73,9 @@ class OpsEndpoint:
             raise StartupError(f"--metrics-listen {listen}: cannot bind: {exc.strerror or exc}; choose a free "
                                "address (AUTHZ_METRICS_LISTEN) or 'off'") from None
 
-    def attach(self, ready: Readiness, before_scrape: Callable[[], None] | None = None) -> None:
-        """Answer /readyz from ``ready`` and flush with ``before_scrape`` before each /metrics (the
-        server's parts exist only after the port is bound)."""
+    def attach(self, ready: Readiness) -> None:
+        """Answer /readyz from ``ready`` (the server's parts exist only after the port is bound)."""
         self.ready = ready
-        if before_scrape is not None:
-            self.before_scrape = before_scrape
 
     def start(self) -> None:
         self._thread.start()

@@ -7,14 +7,13 @@ labels come from the loaded policy set (capped), issuer labels from configured i
 
 Per-Check metrics are not written to Prometheus per Check (a multiprocess value is an mmap'd
 file write per sample, the histogram one per bucket): :class:`CheckRecorder` counts them in plain
-dicts on the event loop, and :func:`flush` adds what accrued to the Prometheus metrics — every
-second from the server's sync task and right before each scrape, so a scrape is never stale.
+dicts on the event loop and adds what accrued to the Prometheus metrics once per pass of the loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import bisect
-import threading
 from typing import Hashable, Iterable
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -90,67 +89,77 @@ MAX_PENDING_KEYS = 4096
 
 
 class CheckRecorder:
-    """Per-Check counts in plain dicts, added to Prometheus by :meth:`flush`.
+    """Per-Check counts in plain dicts, added to Prometheus by :meth:`flush` once per loop pass.
 
-    Only the event loop calls :meth:`record`; :meth:`flush` may run on any thread (the scrape
-    handler's): it reads a copy of the running totals (a dict copy is atomic under the GIL) and
-    adds the difference since its last flush, under a lock shared by flushers. Nothing is lost
-    or counted twice.
+    :meth:`record` runs on the event loop; the first record after a flush schedules the next
+    flush with ``call_soon``, so everything answered in one pass of the loop (under load, many
+    Checks) costs one batch of Prometheus writes, and a Check is in Prometheus (in the worker's
+    multiprocess file) as soon as the loop comes round — a worker killed right after answering
+    loses nothing it had time to flush. Only the loop's thread records and flushes (outside a
+    running loop, e.g. in tests, :meth:`flush` is called directly).
     """
 
     def __init__(self) -> None:
         #: (decision, reason, policy label, jwt issuer label, jwt result, dry-run results) -> Checks
         self._counts: dict[Hashable, int] = {}
-        self._buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        #: latency bucket index -> observations, and their sum
+        self._buckets: dict[int, int] = {}
         self._latency_sum = 0.0
-        self._flushed_counts: dict[Hashable, int] = {}
-        self._flushed_buckets = [0] * len(self._buckets)
-        self._flushed_sum = 0.0
-        self._lock = threading.Lock()
+        self._scheduled = False
+        self._children: dict[tuple[object, ...], object] = {}
 
     def record(self, verdict: Verdict, latency: float) -> None:
         key = (verdict.allowed, verdict.reason, _policy_label(verdict.policy) if verdict.policy else "",
                issuer_label(verdict.jwt_issuer) if verdict.jwt_result else "", verdict.jwt_result, verdict.dry_run)
         counts = self._counts
         counts[key] = counts.get(key, 0) + 1
-        self._buckets[bisect.bisect_left(LATENCY_BUCKETS, latency)] += 1
+        bucket = bisect.bisect_left(LATENCY_BUCKETS, latency)
+        self._buckets[bucket] = self._buckets.get(bucket, 0) + 1
         self._latency_sum += latency
+        if not self._scheduled:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+                self._scheduled = True
+            except RuntimeError:  # no loop: whoever records flushes
+                pass
         if len(counts) > MAX_PENDING_KEYS:
-            self.flush(reset=True)
+            self.flush()
 
-    def flush(self, reset: bool = False) -> None:
-        """Add what accrued since the last flush to Prometheus (``reset``: also forget the keys)."""
-        with self._lock:
-            counts, buckets, total = dict(self._counts), list(self._buckets), self._latency_sum
-            for key, count in counts.items():
-                delta = count - self._flushed_counts.get(key, 0)
-                if delta:
-                    _add_checks(key, delta)
-            for i, count in enumerate(buckets):
-                if count != self._flushed_buckets[i]:
-                    CHECK_LATENCY._buckets[i].inc(count - self._flushed_buckets[i])  # noqa: SLF001 - see below
-            if total != self._flushed_sum:
-                CHECK_LATENCY._sum.inc(total - self._flushed_sum)  # noqa: SLF001
-            # prometheus_client (pinned) has no public "observe N values at once"; its Histogram keeps
-            # a value per bucket (non-cumulative, +Inf last) and the sum: the same ones observe() bumps.
-            if reset:  # only the recording thread resets, so nothing accrues meanwhile
-                self._counts.clear()
-                self._flushed_counts = {}
-            else:
-                self._flushed_counts = counts
-            self._flushed_buckets, self._flushed_sum = buckets, total
+    def flush(self) -> None:
+        """Add what accrued since the last flush to Prometheus."""
+        self._scheduled = False
+        if not self._counts:
+            return
+        counts, self._counts = self._counts, {}
+        buckets, self._buckets = self._buckets, {}
+        total, self._latency_sum = self._latency_sum, 0.0
+        for key, count in counts.items():
+            self._add_checks(key, count)
+        # prometheus_client (pinned) has no public "observe N values at once"; its Histogram keeps a
+        # value per bucket (non-cumulative, +Inf last) and the sum: the same ones observe() bumps.
+        for index, count in buckets.items():
+            CHECK_LATENCY._buckets[index].inc(count)  # noqa: SLF001
+        CHECK_LATENCY._sum.inc(total)  # noqa: SLF001
 
+    def _child(self, metric: Counter, *labels: str) -> Counter:
+        """``metric.labels(*labels)``, remembered: label values are bounded, the lookup is not free."""
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child  # type: ignore[return-value]
 
-def _add_checks(key: Hashable, count: int) -> None:
-    allowed, reason, policy, issuer, jwt_result, dry_run = key  # type: ignore[misc]
-    decision = "allow" if allowed else "deny"
-    CHECKS.labels(decision, reason).inc(count)
-    if policy:
-        CHECK_POLICY.labels(policy, decision).inc(count)
-    if jwt_result:
-        JWT_RESULTS.labels(issuer, jwt_result).inc(count)
-    for result in dry_run:
-        DRY_RUN.labels(result.action.value, result.engine_result, _policy_label(result.policy or "none")).inc(count)
+    def _add_checks(self, key: Hashable, count: int) -> None:
+        allowed, reason, policy, issuer, jwt_result, dry_run = key  # type: ignore[misc]
+        decision = "allow" if allowed else "deny"
+        self._child(CHECKS, decision, reason).inc(count)
+        if policy:
+            self._child(CHECK_POLICY, policy, decision).inc(count)
+        if jwt_result:
+            self._child(JWT_RESULTS, issuer, jwt_result).inc(count)
+        for result in dry_run:
+            self._child(DRY_RUN, result.action.value, result.engine_result,
+                        _policy_label(result.policy or "none")).inc(count)
 
 
 checks = CheckRecorder()
@@ -162,5 +171,5 @@ def record_check(verdict: Verdict, latency: float) -> None:
 
 
 def flush() -> None:
-    """Bring Prometheus up to date with the per-Check counts (periodically, and before a scrape)."""
+    """Bring Prometheus up to date with the per-Check counts now (at shutdown)."""
     checks.flush()
