@@ -96,7 +96,7 @@ class PolicyEngine:
         """Prepare the views *previous* served most recently, so that after a reload (run off the
         event loop) no Check waits for its workload's policies to be selected and indexed."""
         for namespace, labels, kind, service in list(previous._views)[-limit:]:
-            self.for_workload(Workload(namespace, dict(labels), kind), service)
+            self.for_workload(Workload(namespace, None if labels is None else dict(labels), kind), service)
 
     def _select(self, workload: Workload, service: tuple[str, str] | None) -> WorkloadView:
         root = self.mesh.root_namespace

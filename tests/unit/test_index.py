@@ -306,3 +306,12 @@ def test_a_reloaded_engine_has_the_recent_workloads_indexed_before_it_serves(mon
         view = current.for_workload(workload)
         assert isinstance(view.policies._groups[1], IndexedGroup)
         assert view.policies.decide(RequestAttributes(path="/p7", workload=workload)).policy.name == "p7"
+
+
+def test_warming_keeps_a_workload_whose_labels_are_unknown() -> None:
+    policy_set = PolicySet("t.yaml", (), (), ())
+    previous, current = PolicyEngine(policy_set), PolicyEngine(policy_set)
+    unknown = Workload("foo", None)
+    previous.for_workload(unknown)
+    current.warm_like(previous)
+    assert current.for_workload(unknown).policies.decide(RequestAttributes(workload=unknown)).allowed
