@@ -1,8 +1,8 @@
 #!/bin/sh
 # Regenerates the pinned dependency lists from pyproject.toml with pip's resolver:
 #   deploy/docker/lock.sh            (run from anywhere, needs PyPI access)
-# requirements.lock = runtime dependencies of the server with its [fast] extra (uvloop), installed
-#                     into the image's venv;
+# requirements.lock = runtime dependencies of the server with its [fast] (uvloop) and [otel]
+#                     (tracing) extras, installed into the image's venv;
 # build.lock        = the PEP 517 build backend (setuptools, wheel, grpcio-tools), used as
 #                     PIP_CONSTRAINT while the wheel is built, so builds are reproducible too.
 set -eu
@@ -25,7 +25,7 @@ print("\n".join(pins))' "$1"
 }
 
 # --ignore-installed: resolve as for an empty venv, whatever the caller has installed
-"$python" -m pip install --quiet --dry-run --ignore-installed --report "$tmp/run.json" "$root[fast]"
+"$python" -m pip install --quiet --dry-run --ignore-installed --report "$tmp/run.json" "$root[fast,otel]"
 echo "$build_reqs" > "$tmp/build.in"
 "$python" -m pip install --quiet --dry-run --ignore-installed --report "$tmp/build.json" -r "$tmp/build.in"
 
