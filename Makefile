@@ -10,6 +10,10 @@ $(BIN)/authz-server: pyproject.toml setup.py $(wildcard protos/authz_server/_pro
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test,fast,load]'
+	# xds-protos ships an older copy of opentelemetry-proto's files and pip's install order decides
+	# which one stays: reinstall opentelemetry-proto last so tracing (the otel extra) can import.
+	$(BIN)/pip install --quiet --no-deps --force-reinstall \
+	  "opentelemetry-proto==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
 	touch $@
 
 venv: $(BIN)/authz-server

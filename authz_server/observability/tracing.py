@@ -38,6 +38,21 @@ class TracingUnavailable(RuntimeError):
     """``--otel-endpoint`` is set but the OpenTelemetry packages are not installed."""
 
 
+def unavailable(exc: ImportError) -> TracingUnavailable:
+    """Why the OpenTelemetry packages cannot be imported, and what fixes it.
+
+    xds-protos (the Envoy API this server decodes) ships its own, older copy of
+    ``opentelemetry/proto/...``; whichever of it and ``opentelemetry-proto`` pip installs last owns
+    those files. When xds-protos' copy wins, the exporter fails on a name the old protos lack:
+    that is not a missing extra, and reinstalling ``opentelemetry-proto`` alone mends it.
+    """
+    if (exc.name or "").startswith("opentelemetry.proto") or "opentelemetry.proto" in str(exc):
+        return TracingUnavailable(
+            f"the OpenTelemetry protos were overwritten by xds-protos' older copy ({exc}); "
+            "reinstall them: pip install --no-deps --force-reinstall opentelemetry-proto")
+    return TracingUnavailable(f"{OTEL_INSTALL_HINT} ({exc})")
+
+
 class CheckTracer:
     """Turns answered Checks into spans; one per process (each worker exports its own)."""
 
@@ -104,8 +119,8 @@ def build_tracer(endpoint: str, sample_ratio: float = 1.0, processor: SpanProces
         from opentelemetry.sdk.trace import SpanLimits, TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
         from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-    except ImportError:
-        raise TracingUnavailable(OTEL_INSTALL_HINT) from None
+    except ImportError as exc:
+        raise unavailable(exc) from None
     # OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES, when set, name the service instead.
     resource = Resource.create({} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": DEFAULT_SERVICE_NAME})
     provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(sample_ratio)),
@@ -113,8 +128,8 @@ def build_tracer(endpoint: str, sample_ratio: float = 1.0, processor: SpanProces
     if processor is None:
         try:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        except ImportError:
-            raise TracingUnavailable(OTEL_INSTALL_HINT) from None
+        except ImportError as exc:
+            raise unavailable(exc) from None
         processor = BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=endpoint.startswith("http://")))
     provider.add_span_processor(processor)
     return CheckTracer(provider)

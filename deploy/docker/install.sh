@@ -17,6 +17,9 @@ pip="$venv/bin/python -m pip --disable-pip-version-check"
 
 # --no-deps: requirements.lock is the complete dependency set; nothing unpinned can slip in.
 $pip install --no-deps --only-binary=:all: -r "$here/requirements.lock"
+# xds-protos ships an older copy of opentelemetry-proto's files; install order decides which one
+# stays, so opentelemetry-proto goes in again, last, or tracing (--otel-endpoint) cannot import.
+$pip install --no-deps --only-binary=:all: --force-reinstall $(grep '^opentelemetry-proto==' "$here/requirements.lock")
 # The isolated build environment honours PIP_CONSTRAINT, which pins the build backend.
 PIP_CONSTRAINT="$here/build.lock" $pip wheel --no-deps --wheel-dir "$wheels" "$src"
 $pip install --no-deps "$wheels"/*.whl

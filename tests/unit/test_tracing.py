@@ -17,7 +17,7 @@ from authz_server.app import App
 from authz_server.cli import build_parser
 from authz_server.explain import check_request_from_description
 from authz_server.grpc_api.servicer import CheckHandler
-from authz_server.observability.tracing import build_tracer
+from authz_server.observability.tracing import build_tracer, unavailable
 from authz_server.policy_tests.offline import default_args
 
 WORKSHOP = Path(__file__).resolve().parents[2] / "examples" / "workshop"
@@ -127,3 +127,21 @@ def test_endpoint_flag_is_checked(value: str, problem: str, capsys) -> None:
     assert problem in capsys.readouterr().err
     args = build_parser().parse_args(["serve", "--otel-endpoint", "http://127.0.0.1:4317"])
     assert isinstance(args, argparse.Namespace) and args.otel_sample_ratio == 1.0
+
+
+def test_the_otlp_exporter_imports_in_this_install() -> None:
+    """xds-protos ships older copies of the OTLP protos; the install must leave the newer ones."""
+    build_tracer("http://127.0.0.1:4317").shutdown()
+
+
+@pytest.mark.parametrize(("error", "says"), [
+    (ImportError("No module named 'opentelemetry'", name="opentelemetry"),
+     "tracing needs the otel extra: pip install 'istio-ext-authz-server[otel]' (No module named"),
+    (ImportError("cannot import name 'InstrumentationScope' from 'opentelemetry.proto.common.v1.common_pb2'",
+                 name="opentelemetry.proto.common.v1.common_pb2"),
+     "overwritten by xds-protos' older copy"),
+])
+def test_why_tracing_cannot_start_is_told(error: ImportError, says: str) -> None:
+    message = str(unavailable(error))
+    assert says in message
+    assert "\n" not in message
