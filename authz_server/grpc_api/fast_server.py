@@ -28,6 +28,15 @@ Hostile peers (limits in :class:`~authz_server.grpc_api.h2_limits.Http2Limits`):
   ENHANCE_YOUR_CALM and close;
 * connections — a per-process cap, an idle timeout, and a two-phase GOAWAY drain (2^31-1 and a
   PING, then the last stream id once the PING comes back) so no request in flight is refused.
+
+Overload (:mod:`~authz_server.grpc_api.admission`): every call's ``grpc-timeout`` gives it a
+deadline from its arrival (the read that brought its HEADERS). The methods named ``queued``
+(Check) go through the worker's run queue: taken on or refused at once (RESOURCE_EXHAUSTED) when
+their request is complete, then evaluated oldest first in slices of :data:`QUEUE_SLICE` seconds,
+between which every connection is read again — so a Check's age is known when it is read, not
+hidden in socket buffers, and one whose deadline has passed is answered DEADLINE_EXCEEDED without
+being evaluated (cheaply: expired Checks never delay the fresh ones behind them). When nothing is
+queued the queue is run at once, within the read: the hot path stays one ``data_received``.
 """
 
 from __future__ import annotations
@@ -36,12 +45,14 @@ import asyncio
 import logging
 import ssl
 import struct
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Coroutine
 
 from hpack import Decoder, HPACKError, OversizedHeaderListError
 
+from authz_server.grpc_api import admission as adm
 from authz_server.grpc_api import h2_frames as h2
 from authz_server.grpc_api.h2_limits import Http2Limits, LimitExceeded, LimitReporter, TokenBucket
 from authz_server.grpc_api.h2_requests import Headers, RequestHead, Refusal, request_head
@@ -77,12 +88,19 @@ DRAIN_PING = b"drain\x00\x00\x00"
 DRAIN_PING_TIMEOUT = 1.0
 #: a closed connection whose peer neither reads its last frames nor closes is aborted after this long
 CLOSE_LINGER = 2.0
+#: seconds of queued work evaluated before every connection is read again (at least one call)
+QUEUE_SLICE = 0.005
+NO_DEADLINE = float("inf")
 
 
 class GrpcError(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class _Expired(Exception):
+    """A waiting call's deadline passed before it could go on: it is not resumed."""
 
 
 @dataclass(slots=True)
@@ -105,6 +123,14 @@ class _Stream:
     started: bool = False
     closed_remote: bool = False
     prefix_checked: bool = False
+    #: the server clock's time by which the client wants the answer (its grpc-timeout)
+    deadline: float = NO_DEADLINE
+    #: taken on by the admission control (counted in ``Admission.pending`` until answered)
+    admitted: bool = False
+    #: a call waiting (on a JWKS fetch): its task, and the timer that stops it at the deadline
+    task: asyncio.Future[bytes] | None = None
+    timer: asyncio.TimerHandle | None = None
+    expired: bool = False
 
 
 @dataclass(slots=True)
@@ -116,35 +142,50 @@ class _Block:
 
 
 def _drive(coroutine: Coroutine[Any, Any, bytes]) -> tuple[bool, Any]:
-    """Run a coroutine until it finishes or first waits: (done, result or the awaited future)."""
+    """Run a coroutine until it finishes or first waits: (done, result or the awaited future).
+
+    Like ``Task.__step``, the future it yielded is marked as taken over at once
+    (``_asyncio_future_blocking = False``): another call of the same read may await the same
+    future (Checks waiting on one JWKS fetch) before :func:`_finish` runs.
+    """
     try:
-        return False, coroutine.send(None)
+        awaited = coroutine.send(None)
     except StopIteration as stop:
         return True, stop.value
+    if awaited is not None:
+        awaited._asyncio_future_blocking = False
+    return False, awaited
 
 
-async def _finish(coroutine: Coroutine[Any, Any, bytes], awaited: Any) -> bytes:
+async def _finish(coroutine: Coroutine[Any, Any, bytes], awaited: Any, deadline: float,
+                  clock: Callable[[], float]) -> bytes:
     """Continue a coroutine that :func:`_drive` started, as a Task would.
 
-    Like ``Task.__step``: the future the coroutine yielded is marked as taken over
-    (``_asyncio_future_blocking = False``) before waiting on it, then the coroutine resumes and
-    reads the result (or the exception) itself.
+    Like ``Task.__step``: it waits on the future the coroutine yielded (taken over by
+    :func:`_drive` or the previous step), then the coroutine resumes and reads the result (or
+    the exception) itself — unless its deadline has passed meanwhile: then
+    it is closed, not resumed (:class:`_Expired`), so waiters woken together (by one JWKS fetch)
+    spend nothing on those the client has given up on.
     """
     while True:
         if awaited is None:
             await asyncio.sleep(0)
         else:
-            awaited._asyncio_future_blocking = False
             try:
                 await awaited
             except BaseException:
                 if not awaited.done():  # this task itself was cancelled
                     coroutine.close()
                     raise
+        if clock() >= deadline:
+            coroutine.close()
+            raise _Expired
         try:
             awaited = coroutine.send(None)
         except StopIteration as stop:
             return stop.value
+        if awaited is not None:
+            awaited._asyncio_future_blocking = False
 
 
 class _Connection(asyncio.Protocol):
@@ -205,6 +246,8 @@ class _Connection(asyncio.Protocol):
         self.drain_stage = 0
         self.goaway_last = h2.MAX_STREAM_ID
         self.drain_timer: asyncio.TimerHandle | None = None
+        #: when the input being handled was read (server clock): the arrival of its calls
+        self.read_at = server.clock()
 
     # --- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -234,6 +277,8 @@ class _Connection(asyncio.Protocol):
         self.server.connections.discard(self)
         for stream in self.streams.values():
             self.server.buffered -= stream.buffered
+            if stream.task is not None:
+                stream.task.cancel()
         self.streams.clear()
         self.blocked.clear()
         if self.drain_timer is not None:
@@ -243,6 +288,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        self.read_at = self.server.clock()
         self.buffer += data
         self._run()
 
@@ -260,11 +306,15 @@ class _Connection(asyncio.Protocol):
     # --- fairness -------------------------------------------------------------------------------
     def _run(self) -> None:
         """Handle this turn's share of the input; a protocol error ends the connection."""
+        server = self.server
         try:
             self._process()
         except h2.ConnectionError_ as exc:
             self._fail(exc)
             return
+        finally:
+            if server.queue and not server.queue_scheduled:
+                server.run_queue()  # nothing was waiting before this read: answer within it
         self._flush()
         if self.drain_stage == 2:
             self._close_if_drained()
@@ -538,6 +588,8 @@ class _Connection(asyncio.Protocol):
         handler = server.methods.get(head.path)
         streaming = server.streaming.get(head.path) if handler is None else None
         stream = _Stream(head.path, head.headers, handler, streaming, self.stream_window, self.peer_initial_window)
+        if head.timeout is not None:
+            stream.deadline = self.read_at + head.timeout
         stream.closed_remote = bool(flags & h2.END_STREAM)
         self.streams[stream_id] = stream
         refusal = head.refusal
@@ -657,6 +709,9 @@ class _Connection(asyncio.Protocol):
             return
         self.blocked.pop(stream_id, None)
         self._release(stream)
+        if stream.task is not None:  # the client gave up (Envoy does at its timeout): stop waiting
+            stream.expired = True
+            stream.task.cancel()
         if not self.resets.take():
             raise LimitExceeded("resets", f"rapid reset: more than {self.limits.max_resets_per_second:g} "
                                 "RST_STREAM per second sustained")
@@ -672,50 +727,111 @@ class _Connection(asyncio.Protocol):
 
     # --- requests and responses ---------------------------------------------------------------
     def _dispatch(self, stream_id: int, stream: _Stream) -> None:
+        """The request is complete: evaluate it now, or (``queued`` methods) take it on or refuse it."""
         if stream.streaming is not None:
             self._stream_messages(stream_id, stream, end=True)
             return
+        server = self.server
+        now = self.read_at
+        if now >= stream.deadline:
+            self._expired(stream_id, adm.BEFORE_EVALUATION)
+            return
+        if stream.path not in server.queued:
+            self.turn_cost += DISPATCH_COST
+            self._evaluate(stream_id, stream)
+            return
+        admission, queue = server.admission, server.queue
+        waited = now - queue[0][0] if queue else 0.0
+        if admission.pending >= admission.max_pending or waited > admission.max_queue_delay:
+            reason = admission.refusal(waited) or adm.QUEUE_DELAY
+            self._respond_error(stream_id, adm.REFUSED_STATUS, admission.refused(reason, self.peer, waited))
+            return
+        admission.pending += 1
+        stream.admitted = True
+        self.turn_cost += DISPATCH_COST
+        queue.append((now, self, stream_id, stream))
+
+    def _expired(self, stream_id: int, stage: str) -> None:
+        self._respond_error(stream_id, adm.EXPIRED_STATUS, self.server.admission.expired(stage, self.peer))
+
+    def _evaluate(self, stream_id: int, stream: _Stream) -> None:
+        """Run the handler: answered now unless it waits, then answered when its task ends."""
         try:
             message = h2.parse_grpc_message(bytes(stream.body))
         except ValueError as exc:
+            self._done(stream)
             self._respond_error(stream_id, h2.GRPC_INTERNAL, str(exc))
             return
         self._release(stream)  # handed to the handler: the peer may send more
-        self.turn_cost += DISPATCH_COST
         coroutine = stream.handler(message, stream.headers)  # type: ignore[misc]
         try:
             done, value = _drive(coroutine)
         except GrpcError as exc:
+            self._done(stream)
             self._respond_error(stream_id, exc.code, str(exc))
             return
         except Exception:  # noqa: BLE001 - one bad request must not end the connection
+            self._done(stream)
             log.exception("handler for %s failed", stream.path)
             self._respond_error(stream_id, h2.GRPC_INTERNAL, "internal error")
             return
         if done:
+            self._done(stream)
             self._respond(stream_id, value)
             return
         stream.body = bytearray()
         self.in_flight += 1
-        task = asyncio.ensure_future(_finish(coroutine, value))
-        task.add_done_callback(lambda t: self._finished(stream_id, t))
+        server = self.server
+        task = stream.task = asyncio.ensure_future(_finish(coroutine, value, stream.deadline, server.clock))
+        task.add_done_callback(lambda t: self._finished(stream_id, stream, t))
+        if stream.deadline != NO_DEADLINE:
+            stream.timer = self.loop.call_later(max(0.0, stream.deadline - server.clock()), self._expire, stream)
 
-    def _finished(self, stream_id: int, task: asyncio.Future[bytes]) -> None:
+    def _done(self, stream: _Stream) -> None:
+        """The call is answered (or abandoned): it no longer counts against the admission limit."""
+        if stream.admitted:
+            stream.admitted = False
+            self.server.admission.pending -= 1
+
+    @staticmethod
+    def _expire(stream: _Stream) -> None:
+        """A waiting call's deadline: stop it (answered DEADLINE_EXCEEDED when its task ends)."""
+        if stream.task is not None and not stream.task.done():
+            stream.expired = True
+            stream.task.cancel()
+
+    def _finished(self, stream_id: int, stream: _Stream, task: asyncio.Future[bytes]) -> None:
         self.in_flight -= 1
-        if task.cancelled():
-            self._respond_error(stream_id, h2.GRPC_UNAVAILABLE, "server shutting down")
-        elif isinstance(task.exception(), GrpcError):
-            exc = task.exception()
-            self._respond_error(stream_id, exc.code, str(exc))  # type: ignore[union-attr]
-        elif task.exception() is not None:
-            log.error("handler failed", exc_info=task.exception())
-            self._respond_error(stream_id, h2.GRPC_INTERNAL, "internal error")
-        else:
-            self._respond(stream_id, task.result())
+        stream.task = None
+        self._done(stream)
+        if stream.timer is not None:
+            stream.timer.cancel()
+        exc = None if task.cancelled() else task.exception()
+        try:
+            if stream.expired or isinstance(exc, _Expired):
+                message = self.server.admission.expired(adm.WHILE_WAITING, self.peer)
+                if self.streams.get(stream_id) is stream:  # else reset by the client: nothing to say
+                    self._respond_error(stream_id, adm.EXPIRED_STATUS, message)
+            elif task.cancelled():
+                self._respond_error(stream_id, h2.GRPC_UNAVAILABLE, "server shutting down")
+            elif isinstance(exc, GrpcError):
+                self._respond_error(stream_id, exc.code, str(exc))
+            elif exc is not None:
+                log.error("handler failed", exc_info=exc)
+                self._respond_error(stream_id, h2.GRPC_INTERNAL, "internal error")
+            else:
+                self._respond(stream_id, task.result())
+        except h2.ConnectionError_ as exc:
+            self._fail(exc)
+            return
+        self.after_output()
+        self.server.changed.set()
+
+    def after_output(self) -> None:
+        """Answers were queued outside ``data_received``: write them (and close if drained)."""
         self._flush()
         if self.drain_stage == 2:
             self._close_if_drained()
-        self.server.changed.set()
 
     def _data_frames(self, stream_id: int, payload: bytes) -> list[tuple[bytes, int]]:
         body = h2.grpc_message(payload)
@@ -934,12 +1050,22 @@ class FastGrpcServer:
 
     ``streaming`` methods are answered message by message (one reply per request message).
     ``on_limit(name)`` is called each time a limit closes a connection (for a metric).
+    The ``queued`` methods go through the run queue under ``admission``; the others (health,
+    diagnostics) are answered within the read that completes them. ``clock`` is the server's
+    time (deadlines, queue slices), replaceable in tests.
     """
 
     def __init__(self, methods: dict[str, UnaryHandler], ssl_context: ssl.SSLContext | None = None,
                  streaming: dict[str, MessageHandler] | None = None, limits: Http2Limits | None = None,
-                 on_limit: Callable[[str], None] | None = None) -> None:
+                 on_limit: Callable[[str], None] | None = None, *, queued: frozenset[str] = frozenset(),
+                 admission: adm.Admission | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.methods = methods
+        self.queued = queued
+        self.admission = admission or adm.Admission()
+        self.clock = clock
+        #: calls taken on and not yet evaluated, oldest first: (taken at, connection, stream id, stream)
+        self.queue: deque[tuple[float, _Connection, int, _Stream]] = deque()
+        self.queue_scheduled = False
         self.streaming = streaming or {}
         self.ssl_context = ssl_context
         self.limits = limits or Http2Limits()
@@ -951,6 +1077,46 @@ class FastGrpcServer:
         self.report = LimitReporter(on_limit or (lambda name: None))
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
+
+    def run_queue(self) -> None:
+        """Evaluate queued calls, oldest first, for one slice; the rest after the next reads.
+
+        A call whose stream is gone (reset, connection closed) is dropped; one past its deadline
+        is answered DEADLINE_EXCEEDED without being evaluated. Answers are written per connection
+        at the end of the slice, as within a read.
+        """
+        self.queue_scheduled = False
+        queue, clock, admission = self.queue, self.clock, self.admission
+        touched: set[_Connection] = set()
+        start = clock()
+        evaluated = False
+        while queue:
+            now = clock()
+            if evaluated and now - start >= QUEUE_SLICE:
+                break
+            _, connection, stream_id, stream = queue.popleft()
+            if connection.closed or connection.streams.get(stream_id) is not stream:
+                connection._done(stream)
+                if not connection.closed:  # reset: the client gave up (Envoy does at its timeout)
+                    admission.expired(adm.BEFORE_EVALUATION, connection.peer)
+                continue
+            touched.add(connection)
+            try:
+                if now >= stream.deadline:
+                    connection._done(stream)
+                    connection._expired(stream_id, adm.BEFORE_EVALUATION)
+                else:
+                    evaluated = True
+                    connection._evaluate(stream_id, stream)
+            except h2.ConnectionError_ as exc:
+                connection._fail(exc)
+        for connection in touched:
+            connection.after_output()
+        if queue:
+            self.queue_scheduled = True
+            asyncio.get_running_loop().call_soon(self.run_queue)
+        if self.draining:
+            self.changed.set()
 
     def report_protocol_error(self, peer: str, detail: str) -> None:
         self.report.note("protocol_error", f"HTTP/2 protocol error from {peer}: {detail}")

@@ -5,7 +5,8 @@ than ``trailers``) is a stream error PROTOCOL_ERROR (:class:`MalformedRequest`).
 HTTP request that is not a gRPC call gets an HTTP answer instead (:class:`Refusal`): 405 for a
 method other than POST, 415 for a content type that is not ``application/grpc*`` (as the gRPC
 spec says), 400 without ``te: trailers`` (gRPC needs trailers), 431 for a header list over the
-limit. Checked once per distinct header block: the result is cached with the decoded block.
+limit, 400 with status INTERNAL for a malformed ``grpc-timeout`` (as grpc-go answers it). Checked
+once per distinct header block: the result, with the call's timeout, is cached with the block.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ Headers = list[tuple[str, str]]
 CONNECTION_SPECIFIC = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"})
 REQUEST_PSEUDO = frozenset({":method", ":scheme", ":path", ":authority"})
 _FORBIDDEN_IN_VALUES = ("\x00", "\r", "\n")
+#: gRPC over HTTP/2: ``grpc-timeout`` is at most 8 ASCII digits and one of these units (seconds each)
+TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+TIMEOUT_MAX_DIGITS = 8
 
 
 class MalformedRequest(Exception):
@@ -44,11 +48,27 @@ class RequestHead:
     refusal: Refusal | None = None
     #: why the block is a malformed request (a stream error PROTOCOL_ERROR), else None
     malformed: str | None = None
+    #: the call's ``grpc-timeout`` in seconds (None: the client set no deadline)
+    timeout: float | None = None
 
 
 def header_list_size(headers: Headers) -> int:
     """RFC 9113 §6.5.2 size of a header list: name + value + 32 octets per field."""
     return sum(len(name) + len(value) + 32 for name, value in headers)
+
+
+def parse_grpc_timeout(value: str) -> float:
+    """``grpc-timeout`` (TimeoutValue TimeoutUnit) in seconds; ValueError when malformed.
+
+    The gRPC spec allows 1 to 8 ASCII digits then one unit letter; ``0`` is accepted (as grpc-go
+    does) and means the deadline has already passed.
+    """
+    digits, unit = value[:-1], value[-1:]
+    scale = TIMEOUT_UNITS.get(unit)
+    if scale is None or not 1 <= len(digits) <= TIMEOUT_MAX_DIGITS or not digits.isascii() or not digits.isdigit():
+        raise ValueError(f"malformed grpc-timeout {value[:32]!r}: expected 1-{TIMEOUT_MAX_DIGITS} digits "
+                         "and a unit (H, M, S, m, u, n)")
+    return int(digits) * scale
 
 
 def request_head(headers: Headers, max_header_list_bytes: int) -> RequestHead:
@@ -62,7 +82,7 @@ def request_head(headers: Headers, max_header_list_bytes: int) -> RequestHead:
 def _request_head(headers: Headers, max_header_list_bytes: int) -> RequestHead:
     pseudo: dict[str, str] = {}
     regular = False
-    content_type = te = None
+    content_type = te = timeout = None
     for name, value in headers:
         if any(c in value for c in _FORBIDDEN_IN_VALUES) or not name:
             raise MalformedRequest(f"invalid characters in field {name!r}")
@@ -86,6 +106,8 @@ def _request_head(headers: Headers, max_header_list_bytes: int) -> RequestHead:
             te = value
         elif name == "content-type":
             content_type = value
+        elif name == "grpc-timeout":
+            timeout = value
     method, path = pseudo.get(":method"), pseudo.get(":path")
     if method is None or path is None or ":scheme" not in pseudo or not path:
         raise MalformedRequest("request without :method, :scheme and a non-empty :path")
@@ -100,7 +122,12 @@ def _request_head(headers: Headers, max_header_list_bytes: int) -> RequestHead:
                                                   f"content-type {content_type!r} is not application/grpc"))
     if te is None:
         return RequestHead(path, headers, Refusal(400, h2.GRPC_INTERNAL, "te: trailers is required by gRPC"))
-    return RequestHead(path, headers)
+    if timeout is None:
+        return RequestHead(path, headers)
+    try:
+        return RequestHead(path, headers, timeout=parse_grpc_timeout(timeout))
+    except ValueError as exc:
+        return RequestHead(path, headers, Refusal(400, h2.GRPC_INTERNAL, str(exc)))
 
 
 def check_trailers(headers: Headers) -> None:

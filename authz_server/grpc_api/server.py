@@ -7,7 +7,9 @@ Two serving layers speak standard gRPC on the listen address:
 * ``grpcio``: the grpcio asyncio server, adding Health/Watch.
 
 Both layers hold the same limits (:class:`~authz_server.grpc_api.h2_limits.Http2Limits`, from
-the settings): the fast layer enforces them itself, grpcio through its channel options. Health
+the settings): the fast layer enforces them itself, grpcio through its channel options. Both
+honour each Check's deadline and shed load beyond the worker's admission limits
+(:mod:`~authz_server.grpc_api.admission`). Health
 turns SERVING only once a policy set is loaded. SIGTERM: health goes NOT_SERVING, the
 port stops accepting, in-flight Checks get ``grace_period`` seconds, exit 0. SIGHUP reloads
 the policies (a bad set is rejected and the last good one keeps serving).
@@ -29,6 +31,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from authz_server._proto import diagnostics_pb2, diagnostics_pb2_grpc
 from authz_server.app import App
+from authz_server.grpc_api import admission as adm
 from authz_server.grpc_api import h2_frames
 from authz_server.grpc_api.diagnostics import Diagnostics, DiagnosticsService, InvalidRequest
 from authz_server.grpc_api.fast_server import FastGrpcServer, GrpcError, unary
@@ -42,6 +45,7 @@ log = logging.getLogger(__name__)
 
 AUTHORIZATION_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
 DIAGNOSTICS_SERVICE = diagnostics_pb2.DESCRIPTOR.services_by_name["Diagnostics"].full_name
+CHECK_PATH = f"/{AUTHORIZATION_SERVICE}/Check"
 SERVINGS = ("fast", "grpcio")
 TLS_REFRESH_SECONDS = 2.0
 
@@ -62,6 +66,15 @@ def limits_from_settings(args: Any) -> Http2Limits:
              "max_continuations": "http2_max_continuations",
              "max_glitches_per_second": "http2_max_glitches_per_second"}
     return Http2Limits(**{field: getattr(args, name) for field, name in names.items() if hasattr(args, name)})
+
+
+def admission_from_settings(args: Any) -> adm.Admission:
+    """The worker's admission control from the ``serve`` settings, counted in the metrics."""
+    defaults = adm.OverloadLimits()
+    limits = adm.OverloadLimits(getattr(args, "max_pending_checks", defaults.max_pending),
+                                getattr(args, "max_queue_delay", defaults.max_queue_delay))
+    return adm.Admission(limits, on_refused=lambda reason: metrics.CHECKS_REFUSED.labels(reason).inc(),
+                         on_expired=lambda stage: metrics.CHECKS_EXPIRED.labels(stage).inc())
 
 
 def grpcio_options(limits: Http2Limits) -> list[tuple[str, int]]:
@@ -96,10 +109,10 @@ def grpcio_options(limits: Http2Limits) -> list[tuple[str, int]]:
 
 class GrpcioServing:
     def __init__(self, app: App, handler: CheckHandler, listen: str, tls: RotatingCertificates | None,
-                 limits: Http2Limits) -> None:
+                 limits: Http2Limits, admission: adm.Admission) -> None:
         self.server = grpc.aio.server(options=grpcio_options(limits))
         self.health = health.aio.HealthServicer()
-        self.server.add_generic_rpc_handlers((_raw_check(handler),))
+        self.server.add_generic_rpc_handlers((_raw_check(handler, admission),))
         diagnostics_pb2_grpc.add_DiagnosticsServicer_to_server(
             DiagnosticsService(Diagnostics(app.store, app.authorizer, app.context)), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -123,13 +136,33 @@ class GrpcioServing:
         await self.server.stop(grace)
 
 
-def _raw_check(handler: CheckHandler) -> grpc.GenericRpcHandler:
+def _raw_check(handler: CheckHandler, admission: adm.Admission) -> grpc.GenericRpcHandler:
     """Check on grpcio with bytes in and out, as the fast layer: grpcio never parses the request,
     so an undecodable CheckRequest reaches the handler and is denied (fail closed), never a gRPC
-    error (which Envoy's ``failure_mode_allow`` would turn into an allow)."""
+    error (which Envoy's ``failure_mode_allow`` would turn into an allow).
+
+    Overload: a Check whose deadline (``context.time_remaining()``) has passed when its handler
+    starts is not evaluated; beyond the admission limit it is refused at once. grpcio queues
+    calls out of sight (its completion queue), so only the count applies here, not the queue
+    delay; grpcio cancels a Check that waits past its deadline (counted as expired).
+    """
     async def check(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        # The call's metadata carries the proxy's x-authz-* identity (workload_identity).
-        return await handler.check_bytes(request, context.invocation_metadata() or ())
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                admission.expired(adm.BEFORE_EVALUATION, context.peer()))
+        reason = admission.refusal(0.0)
+        if reason is not None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, admission.refused(reason, context.peer()))
+        admission.pending += 1
+        try:
+            # The call's metadata carries the proxy's x-authz-* identity (workload_identity).
+            return await handler.check_bytes(request, context.invocation_metadata() or ())
+        except asyncio.CancelledError:  # the deadline passed, or the client gave up, while it waited
+            admission.expired(adm.WHILE_WAITING, context.peer())
+            raise
+        finally:
+            admission.pending -= 1
     return grpc.method_handlers_generic_handler(AUTHORIZATION_SERVICE, {
         "Check": grpc.unary_unary_rpc_method_handler(check),
     })
@@ -137,14 +170,14 @@ def _raw_check(handler: CheckHandler) -> grpc.GenericRpcHandler:
 
 class FastServing:
     def __init__(self, app: App, handler: CheckHandler, listen: str, tls: RotatingCertificates | None,
-                 limits: Http2Limits) -> None:
+                 limits: Http2Limits, admission: adm.Admission) -> None:
         self.listen = listen
         self.tls = tls
         self.serving = False
         diagnostics = Diagnostics(app.store, app.authorizer, app.context)
         self.ssl_context = tls.ssl_context() if tls else None
         self.server = FastGrpcServer({
-            f"/{AUTHORIZATION_SERVICE}/Check": handler.check_bytes,
+            CHECK_PATH: handler.check_bytes,
             f"/{health.SERVICE_NAME}/Check": unary(health_pb2.HealthCheckRequest.FromString, self._health),
             f"/{DIAGNOSTICS_SERVICE}/Explain": unary(diagnostics_pb2.ExplainRequest.FromString,
                                                     _invalid_argument(diagnostics.explain)),
@@ -153,7 +186,8 @@ class FastServing:
         }, self.ssl_context, streaming={
             f"/{reflection.SERVICE_NAME}/ServerReflectionInfo": _reflection(
                 (AUTHORIZATION_SERVICE, DIAGNOSTICS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)),
-        }, limits=limits, on_limit=lambda limit: metrics.HTTP2_LIMITS.labels(limit).inc())
+        }, limits=limits, on_limit=lambda limit: metrics.HTTP2_LIMITS.labels(limit).inc(),
+            queued=frozenset({CHECK_PATH}), admission=admission)
         self._tls_task: asyncio.Task[None] | None = None
 
     async def _health(self, request: health_pb2.HealthCheckRequest) -> health_pb2.HealthCheckResponse:
@@ -211,7 +245,8 @@ class AuthzGrpcServer:
         self.grace_period = grace_period
         handler = CheckHandler(app.authorizer, app.context, app.observe)
         layer = FastServing if serving == "fast" else GrpcioServing
-        self.serving: Serving = layer(app, handler, listen, tls, limits_from_settings(app.args))
+        self.serving: Serving = layer(app, handler, listen, tls, limits_from_settings(app.args),
+                                      admission_from_settings(app.args))
         self.serving_name = serving
         self._stopping = asyncio.Event()
 

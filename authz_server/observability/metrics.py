@@ -48,6 +48,12 @@ HTTP2_LIMITS = Counter("authz_http2_limit_exceeded_total",
                        "HTTP/2 connections closed or refused by a serving limit (fast layer), by limit", ["limit"])
 DECISION_LOG_DROPPED = Counter("authz_decision_log_dropped_lines_total",
                                "Decision log lines dropped because the output was blocked")
+CHECKS_REFUSED = Counter("authz_checks_refused_total",
+                         "Checks refused at once (RESOURCE_EXHAUSTED) by the worker's admission limits, by reason",
+                         ["reason"])
+CHECKS_EXPIRED = Counter("authz_checks_expired_total",
+                         "Checks not evaluated, or stopped while waiting, because their deadline passed or the "
+                         "client gave up, by stage", ["stage"])
 WORKER_READY = Gauge("authz_worker_ready", "1 when every live worker has policies (and JWKS) loaded",
                      multiprocess_mode="livemin")
 
