@@ -67,6 +67,10 @@ class AuthzSettings:
     service_port: int = 9000
     #: TLS to a server running with --tls-cert (outside the mesh); None = plaintext
     tls: UpstreamTls | None = None
+    #: Istio's ``failOpen`` (``failure_mode_allow``) and ``statusOnError`` (``status_on_error``):
+    #: what Envoy answers when the Check fails (a gRPC error, a timeout, no connection)
+    fail_open: bool = False
+    status_on_error: int | None = None
 
     @property
     def cluster_name(self) -> str:
@@ -421,7 +425,7 @@ def istiod_ext_authz_filter(authz: AuthzSettings) -> Config:
     config: Config = {
         "@type": EXT_AUTHZ_TYPE,
         "transport_api_version": "V3",
-        "failure_mode_allow": False,
+        "failure_mode_allow": authz.fail_open,
         "filter_enabled_metadata": {
             "filter": "envoy.filters.http.rbac",
             "path": [{"key": "istio_ext_authz_shadow_effective_policy_id"}],
@@ -432,6 +436,8 @@ def istiod_ext_authz_filter(authz: AuthzSettings) -> Config:
             "timeout": _duration(authz.timeout_s),
         },
     }
+    if authz.status_on_error is not None:
+        config["status_on_error"] = {"code": authz.status_on_error}
     return {"name": EXT_AUTHZ_FILTER, "typed_config": config}
 
 

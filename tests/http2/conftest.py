@@ -53,9 +53,13 @@ class Served:
 
     def limit_count(self, limit: str) -> float:
         """authz_http2_limit_exceeded_total{limit} (the fast layer's count of limit closes)."""
+        return self.metric("authz_http2_limit_exceeded_total", limit=limit)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of the server's /metrics (0 when absent)."""
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as reply:
-            return metric(reply.read().decode(), "authz_http2_limit_exceeded_total", limit=limit)
+            return metric(reply.read().decode(), name, **labels)
 
 
 StartServer = Callable[..., Served]
