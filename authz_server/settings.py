@@ -210,8 +210,9 @@ OPTIONS: tuple[Option, ...] = (
     # Overload (both serving layers; README "Operations").
     Option("max_pending_checks", "Checks one worker takes on at once (queued, evaluating or waiting on a JWKS "
            "fetch); more are refused at once with RESOURCE_EXHAUSTED", "1000", positive_int, ("serve",)),
-    Option("max_queue_delay", "fast layer: seconds the oldest queued Check may have waited before new ones are "
-           "refused with RESOURCE_EXHAUSTED (0 = no bound)", "0.05", non_negative_float, ("serve",)),
+    Option("max_queue_delay", "fast layer: seconds a new Check may be expected to wait in the worker's queue "
+           "(queued Checks times the recent cost per Check, or the oldest one's age); beyond, it is refused "
+           "with RESOURCE_EXHAUSTED (0 = no bound)", "0.1", non_negative_float, ("serve",)),
     Option("metrics_listen", "HTTP address for /metrics, /healthz, /readyz ('off' disables)", "0.0.0.0:9090",
            listen_or_off, ("serve", "health")),
     Option("decision_log", "one JSON line per Check to stdout, stderr, or off", "stdout", decision_log_target,

@@ -5,8 +5,9 @@ wasted work, and under overload evaluating those first makes every Check late �
 falls to nothing (issue 15 measured 598 of 600 requests timed out). So each worker
 
 * **sheds** — takes on at most ``max_pending`` Checks (queued or in progress, e.g. waiting on a
-  JWKS fetch), and none while the oldest queued Check has waited longer than ``max_queue_delay``
-  (the worker is that far behind); the excess is answered at once with ``RESOURCE_EXHAUSTED``
+  JWKS fetch), and none that would wait in the queue longer than ``max_queue_delay``: the wait is
+  the queued Checks times the recent evaluation time per Check (a moving average), or the age of
+  the oldest queued one if that is longer; the excess is answered at once with ``RESOURCE_EXHAUSTED``
   (:data:`REFUSED_STATUS`), counted (``authz_checks_refused_total{reason}``) and logged,
   rate-limited;
 * **expires** — never starts evaluating a Check whose deadline has passed, and stops one that
@@ -53,8 +54,8 @@ class OverloadLimits:
 
     #: Checks queued or in progress (waiting on a JWKS fetch included)
     max_pending: int = 1000
-    #: seconds the oldest queued Check may have waited before new ones are refused (0 = no bound)
-    max_queue_delay: float = 0.05
+    #: seconds a new Check may be expected to wait in the queue before it is refused (0 = no bound)
+    max_queue_delay: float = 0.1
 
 
 class Admission:
@@ -76,21 +77,21 @@ class Admission:
         self._log_refused = RateLimitedLog(log)
         self._log_expired = RateLimitedLog(log)
 
-    def refusal(self, waited: float) -> str | None:
-        """Why a new Check must be refused (None: take it), the oldest queued one having ``waited``."""
+    def refusal(self, wait: float) -> str | None:
+        """Why a new Check must be refused (None: take it), if it would ``wait`` that long queued."""
         if self.pending >= self.max_pending:
             return PENDING_LIMIT
-        if waited > self.max_queue_delay:
+        if wait > self.max_queue_delay:
             return QUEUE_DELAY
         return None
 
-    def refused(self, reason: str, peer: str, waited: float = 0.0) -> str:
+    def refused(self, reason: str, peer: str, wait: float = 0.0) -> str:
         """Count and log a refusal; returns the status message for the client."""
         self._on_refused(reason)
         if reason == PENDING_LIMIT:
             message = f"overloaded: {self.pending} Checks already in progress or queued (limit {self.max_pending})"
         else:
-            message = (f"overloaded: the oldest queued Check has waited {waited * 1000:.0f} ms "
+            message = (f"overloaded: a new Check would wait about {wait * 1000:.0f} ms in the queue "
                        f"(limit {self.max_queue_delay * 1000:.0f} ms)")
         self._log_refused("refusing a Check from %s: %s", peer, message)
         return message

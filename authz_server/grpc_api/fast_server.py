@@ -90,6 +90,8 @@ DRAIN_PING_TIMEOUT = 1.0
 CLOSE_LINGER = 2.0
 #: seconds of queued work evaluated before every connection is read again (at least one call)
 QUEUE_SLICE = 0.005
+#: weight of the latest evaluation in the moving average of the cost per queued call
+COST_WEIGHT = 0.1
 NO_DEADLINE = float("inf")
 
 
@@ -741,10 +743,11 @@ class _Connection(asyncio.Protocol):
             self._evaluate(stream_id, stream)
             return
         admission, queue = server.admission, server.queue
-        waited = now - queue[0][0] if queue else 0.0
-        if admission.pending >= admission.max_pending or waited > admission.max_queue_delay:
-            reason = admission.refusal(waited) or adm.QUEUE_DELAY
-            self._respond_error(stream_id, adm.REFUSED_STATUS, admission.refused(reason, self.peer, waited))
+        # the wait ahead: the queue's work at the recent cost per Check, or the oldest one's age
+        wait = max(len(queue) * server.cost_per_call, now - queue[0][0]) if queue else 0.0
+        if admission.pending >= admission.max_pending or wait > admission.max_queue_delay:
+            reason = admission.refusal(wait) or adm.QUEUE_DELAY
+            self._respond_error(stream_id, adm.REFUSED_STATUS, admission.refused(reason, self.peer, wait))
             return
         admission.pending += 1
         stream.admitted = True
@@ -1066,6 +1069,8 @@ class FastGrpcServer:
         #: calls taken on and not yet evaluated, oldest first: (taken at, connection, stream id, stream)
         self.queue: deque[tuple[float, _Connection, int, _Stream]] = deque()
         self.queue_scheduled = False
+        #: seconds one queued call took to evaluate, a moving average (the admission's wait estimate)
+        self.cost_per_call = 0.0
         self.streaming = streaming or {}
         self.ssl_context = ssl_context
         self.limits = limits or Http2Limits()
@@ -1088,12 +1093,16 @@ class FastGrpcServer:
         self.queue_scheduled = False
         queue, clock, admission = self.queue, self.clock, self.admission
         touched: set[_Connection] = set()
-        start = clock()
+        start = now = clock()
         evaluated = False
+        cost = self.cost_per_call
         while queue:
-            now = clock()
-            if evaluated and now - start >= QUEUE_SLICE:
-                break
+            if evaluated:  # the previous call's evaluation took since the last reading
+                evaluated, before = False, now
+                now = clock()
+                cost += (now - before - cost) * COST_WEIGHT
+                if now - start >= QUEUE_SLICE:
+                    break
             _, connection, stream_id, stream = queue.popleft()
             if connection.closed or connection.streams.get(stream_id) is not stream:
                 connection._done(stream)
@@ -1110,6 +1119,9 @@ class FastGrpcServer:
                     connection._evaluate(stream_id, stream)
             except h2.ConnectionError_ as exc:
                 connection._fail(exc)
+        if evaluated:
+            cost += (clock() - now - cost) * COST_WEIGHT
+        self.cost_per_call = cost
         for connection in touched:
             connection.after_output()
         if queue:

@@ -164,6 +164,24 @@ def test_beyond_the_pending_limit_checks_are_refused_at_once_with_resource_exhau
     run(scenario, max_pending=2)
 
 
+def test_a_burst_is_taken_on_up_to_the_work_the_delay_bound_allows_and_the_rest_refused() -> None:
+    """The wait ahead of a new Check is the queue times the recent cost per Check: of a burst of
+    20 Checks of 10 ms, those that would wait up to 50 ms are taken on, the rest refused at once."""
+    async def scenario(h: Harness) -> None:
+        connection, transport = connect(h.server())
+        for n in range(30):  # one at a time: the moving average learns the cost, 10 ms
+            connection.data_received(request(2 * n + 1, b"warm", "5S"))
+        cost = 0.010 * (1 - 0.9 ** 30)
+        assert max(k for k in range(20) if k * cost <= 0.050) == 5
+        burst = range(61, 101, 2)
+        connection.data_received(b"".join(request(stream, b"burst", "5S") for stream in burst))
+        await turns(20)
+        statuses = [transport.received.grpc_status(stream) for stream in burst]
+        assert statuses == ["0"] * 6 + [RESOURCE_EXHAUSTED] * 14
+        assert h.refused == [adm.QUEUE_DELAY] * 14
+    run(scenario, cost=0.010)
+
+
 def test_while_the_queue_is_behind_by_more_than_the_delay_bound_new_checks_are_refused() -> None:
     async def scenario(h: Harness) -> None:
         server = h.server()
@@ -174,7 +192,7 @@ def test_while_the_queue_is_behind_by_more_than_the_delay_bound_new_checks_are_r
         other, transport = connect(server)
         other.data_received(request(1, b"late", "5S"))
         assert transport.received.grpc_status(1) == RESOURCE_EXHAUSTED and h.refused == [adm.QUEUE_DELAY]
-        assert "waited 70 ms (limit 50 ms)" in (transport.received.header(1, "grpc-message") or "")
+        assert "wait about 70 ms in the queue (limit 50 ms)" in (transport.received.header(1, "grpc-message") or "")
         await turns(40)
         assert all(busy_transport.received.grpc_status(2 * n + 1) == "0" for n in range(20))  # taken: served
         other.data_received(request(3, b"caught up", "5S"))
