@@ -12,6 +12,8 @@ that happened to run during it. Scenarios:
 * the policy-count scale — ``max/repeated`` on ``scale-<N>`` variants: the same server with N
   AuthorizationPolicies in scope (only the benchmark's own matching, and it last), with the time
   from start to ready and the resident memory of each.
+* ``--overload`` instead: the overload scenario (:mod:`loadtests.overload`) — goodput, early
+  refusals and the p99 of accepted Checks at twice the server's capacity, with its own table.
 
 Every server variant also reports its start-to-ready time and RSS after the load; multi-worker
 variants with the decision log on report the exact split of Checks over their workers.
@@ -30,7 +32,7 @@ from typing import Sequence
 
 from authz_server.demo.processes import ProcessGroup, exit_on_sigterm
 
-from . import measure, report, tokens
+from . import measure, overload, report, tokens
 from .target import Target, start_target
 from .variants import Variant, scale_variants, standard_variants
 
@@ -168,7 +170,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "(e.g. a checkout of main) as variant baseline-w1, side by side")
     parser.add_argument("--policy-counts", type=lambda t: tuple(int(n) for n in t.split(",") if n),
                         help="policies in scope for the policy-count scale, comma-separated [100,1000,5000]")
+    parser.add_argument("--overload", action="store_true", help="run the overload scenario instead "
+                        "(server-w1, and baseline-w1 with --baseline)")
+    parser.add_argument("--authz-timeout", type=float, help="overload: Envoy's ext_authz timeout, seconds [0.5]")
+    parser.add_argument("--overload-policies", type=int, help="overload: policies in scope [2000]")
+    parser.add_argument("--overload-factor", type=float, help="overload: offered load over capacity [2]")
     args = parser.parse_args(argv)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    exit_on_sigterm()
+    if args.overload:
+        return _overload(args, args.out or RESULTS / (f"overload-smoke-{stamp}" if args.smoke else f"overload-{stamp}"))
     base = SMOKE if args.smoke else FULL
     overrides = {
         name: value for name, value in (
@@ -177,12 +188,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         ) if value is not None
     }
     settings = Settings(**{**asdict(base), **overrides})
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.out or RESULTS / (f"smoke-{stamp}" if args.smoke else stamp)
-    exit_on_sigterm()
     only = [name for name in args.variants.split(",") if name] + (["baseline-w1"] if args.baseline else [])
     results = run(settings, out, only if args.variants else (), args.baseline)
     print(report.markdown(results))
+    print(f"results: {out}", file=sys.stderr)
+    return 0
+
+
+def _overload(args: argparse.Namespace, out: Path) -> int:
+    base = overload.SMOKE if args.smoke else overload.OverloadSettings()
+    overrides = {name: value for name, value in (
+        ("trials", args.trials), ("duration_s", args.duration), ("authz_timeout_s", args.authz_timeout),
+        ("policies", args.overload_policies), ("factor", args.overload_factor),
+    ) if value is not None}
+    results = overload.run(overload.OverloadSettings(**{**asdict(base), **overrides}), out, args.baseline)
+    print(overload.markdown(results))
     print(f"results: {out}", file=sys.stderr)
     return 0
 

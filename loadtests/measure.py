@@ -111,15 +111,13 @@ def run_h2load_fixed_rate(
     ]
     log_path.unlink(missing_ok=True)  # h2load appends to an existing log
     subprocess.run(argv, capture_output=True, text=True, check=True)
-    starts, latencies_us, non_2xx, ends = [], [], 0, []
-    for line in log_path.read_text().splitlines():
-        start, status, elapsed = line.split("\t")
-        starts.append(int(start))
-        ends.append(int(start) + int(elapsed))
-        latencies_us.append(int(elapsed))
-        non_2xx += not 200 <= int(status) < 400
-    if not latencies_us:
+    logged = h2load_log(log_path)
+    if not logged:
         raise RuntimeError("h2load logged no request")
+    starts = [start for start, _, _ in logged]
+    ends = [start + elapsed for start, _, elapsed in logged]
+    latencies_us = [elapsed for _, _, elapsed in logged]
+    non_2xx = sum(not 200 <= status < 400 for _, status, _ in logged)
     cuts = statistics.quantiles(latencies_us, n=100, method="inclusive")
     return LoadResult(
         requests=len(latencies_us),
@@ -130,6 +128,15 @@ def run_h2load_fixed_rate(
         non_2xx=non_2xx,
         socket_errors=total - len(latencies_us),
     )
+
+
+def h2load_log(log_path: Path) -> list[tuple[int, int, int]]:
+    """Every request of an h2load ``--log-file``: (start µs, HTTP status, latency µs)."""
+    requests = []
+    for line in log_path.read_text().splitlines():
+        start, status, elapsed = line.split("\t")
+        requests.append((int(start), int(status), int(elapsed)))
+    return requests
 
 
 def usage(root_pid: int) -> Usage:

@@ -12,6 +12,7 @@ It makes a fresh signing key and policy file in the work directory and writes a 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
 import time
@@ -43,16 +44,20 @@ class Target:
     ready_s: float | None = None
     #: the server's log (its stdout: the decision log when on)
     backend_log: Path | None = None
+    #: the server's /metrics port (server variants)
+    metrics_port: int | None = None
 
 
-def server_args(workers: int, serving: str = "fast", decision_log: bool = False) -> list[str]:
+def server_args(workers: int, serving: str = "fast", decision_log: bool = False,
+                metrics_port: int | None = None) -> list[str]:
     """Benchmark settings: quiet logs, *workers* processes, the serving layer, the decision log.
 
     Metrics stay on (as deployed), on a port of their own so several servers can run at once. The
     decision log is off unless asked for, then left at its defaults (stdout, every allow logged).
     """
     args = ["--workload-namespace", tokens.NAMESPACE, "--log-level", SERVER_LOG_LEVEL,
-            "--metrics-listen", f"127.0.0.1:{free_port()}", "--workers", str(workers), "--serving", serving]
+            "--metrics-listen", f"127.0.0.1:{metrics_port or free_port()}", "--workers", str(workers),
+            "--serving", serving]
     return args if decision_log else [*args, "--decision-log", "off"]
 
 
@@ -63,20 +68,22 @@ def start_target(
     policies: Path,
     *,
     upstream: ec.Upstream | None = None,
+    authz: ec.AuthzSettings | None = None,
 ) -> Target:
-    """Start *variant*'s backend (if any), then its Envoy; both ready on return.
+    """Start *variant*'s backend (if any), then its Envoy; both ready on return. *authz*: the
+    ext_authz filter and pool settings (its port is replaced by the backend's).
 
     A variant with more than one policy in scope gets its own policy file next to *policies*.
     """
-    backend_pid = authz_port = ready_s = backend_log = None
+    backend_pid = authz_port = metrics_port = ready_s = backend_log = None
     if variant.backend == "server":
-        authz_port = free_port()
+        authz_port, metrics_port = free_port(), free_port()
         if variant.policies > 1:
             policies = policy_mix.write(key, variant.policies, policies.with_name(f"policies-{variant.name}.yaml"),
                                         variant.mix)
         started = time.monotonic()
         server = group.start_authz_server(
-            policies, authz_port, server_args(variant.workers, variant.serving, variant.decision_log),
+            policies, authz_port, server_args(variant.workers, variant.serving, variant.decision_log, metrics_port),
             name=f"{variant.name}-server", timeout_s=120,
             env={"PYTHONPATH": variant.source} if variant.source else None,
         )
@@ -92,9 +99,10 @@ def start_target(
     config = envoy_config(
         variant, listen_port=envoy_port, admin_port=admin_port, authz_port=authz_port,
         jwks=key.jwks, upstream=upstream,
+        authz=dataclasses.replace(authz, port=authz_port) if authz and authz_port else None,
     )
     envoy = group.start_envoy(f"{variant.name}-envoy", config)
-    return Target(variant, envoy_port, envoy.pid, backend_pid, authz_port, ready_s, backend_log)
+    return Target(variant, envoy_port, envoy.pid, backend_pid, authz_port, ready_s, backend_log, metrics_port)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -87,3 +87,19 @@ def test_checks_are_split_per_worker_from_the_decision_log(results: tuple[dict, 
         counts = data["servers"][name]["checks_per_worker"]
         requests = sum(r["requests"] for r in data["rows"] if r["variant"] == name)
         assert 1 <= len(counts) <= 2 and sum(counts) >= requests, (name, counts, requests)
+
+
+def test_the_overload_scenario_measures_capacity_and_overload(tmp_path: Path) -> None:
+    """``--overload --smoke``: capacity, then twice that, through Envoy; every answer is an allow
+    or Envoy's statusOnError (503), never a policy deny, and the table is written."""
+    subprocess.run(
+        [sys.executable, "-m", "loadtests.bench", "--overload", "--smoke", "--out", str(tmp_path)],
+        cwd=ROOT, check=True, timeout=240, capture_output=True,
+    )
+    data = json.loads((tmp_path / "overload.json").read_text())
+    (row,) = data["rows"]
+    assert row["variant"] == "server-w1" and row["capacity_rps"] > 0 and row["offered_rps"] > row["capacity_rps"]
+    for trial in data["trials"]:
+        for phase in ("capacity", "overload"):
+            assert set(trial[phase]["statuses"]) <= {200, 503}, trial
+    assert "| server-w1 |" in (tmp_path / "overload.md").read_text()
