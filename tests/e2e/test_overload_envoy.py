@@ -11,7 +11,6 @@ seen on its own), then with the real server shedding behind Envoy.
 from __future__ import annotations
 
 import threading
-import time
 from concurrent import futures
 from pathlib import Path
 from typing import Iterator
@@ -24,25 +23,12 @@ from authz_server.demo import envoy_config as ec
 from authz_server.demo.client import Reply, request
 from authz_server.demo.processes import ProcessGroup, free_port
 from authz_server.demo.upstream import EchoUpstream
+from tests.http2.test_deadlines import policies_with_jwks, unknown_kid_token
 from tests.integration.test_operations import metric, wait_for
 from tests.jwt.jwt_helpers import IdP, Keys, _idp_server, idp, keys  # noqa: F401 - fixtures
 
 FRONT = ec.Workload("front", "foo", {"app": "front"})
 STATUSES = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-ISSUER = "https://issuer.overload.test"
-POLICIES = """\
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: allow-all, namespace: foo}
-spec:
-  rules: [{}]
----
-apiVersion: security.istio.io/v1
-kind: RequestAuthentication
-metadata: {name: jwt, namespace: foo}
-spec:
-  jwtRules: [{issuer: "%(issuer)s", jwksUri: "%(jwks)s", timeout: 60s}]
-"""
 
 
 class FixedStatusAuthz(external_auth_pb2_grpc.AuthorizationServicer):
@@ -113,7 +99,7 @@ def test_envoy_behind_the_real_server_when_it_sheds_and_when_a_check_expires(
     fail-open, long before the waiting one's timeout. That one is Envoy's timeout (403), and the
     server stops it (counted as expired)."""
     idp.serve_json("/jwks", keys.jwks("key-1"))
-    (tmp_path / "policies.yaml").write_text(POLICIES % {"issuer": ISSUER, "jwks": idp.url("/jwks")})
+    (tmp_path / "policies.yaml").write_text(policies_with_jwks(idp.url("/jwks")))
     port, metrics_port = free_port(), free_port()
     with EchoUpstream("app") as app, ProcessGroup(tmp_path / "logs") as group:
         group.start_authz_server(tmp_path / "policies.yaml", port, [
@@ -123,8 +109,7 @@ def test_envoy_behind_the_real_server_when_it_sheds_and_when_a_check_expires(
         opened = front(group, app.port, ec.AuthzSettings(port, timeout_s=3.0, fail_open=True))
         assert request(closed, "/get").status == 200  # the policy allows, the server is not busy
         idp.routes["/jwks"].delay = 60.0  # the next fetch stalls
-        unknown_kid = keys.mint({"iss": ISSUER, "sub": "alice", "exp": int(time.time()) + 600},
-                                kid="key-2", sign_with="key-2")
+        unknown_kid = unknown_kid_token(keys)
         waiting: list[Reply] = []
         waiter = threading.Thread(target=lambda: waiting.append(
             request(closed, "/get", headers={"authorization": f"Bearer {unknown_kid}"}, timeout_s=30)))

@@ -25,6 +25,24 @@ ISSUER = "https://issuer.overload.test"
 INTERNAL, DEADLINE_EXCEEDED = "13", "4"
 
 
+def policies_with_jwks(jwks_uri: str) -> str:
+    """Allow everything in namespace foo, with a RequestAuthentication whose keys are fetched
+    from *jwks_uri* (a 60 s fetch timeout: the Check's own deadline is what stops it)."""
+    return ALLOW_ALL + f"""---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: jwt, namespace: foo}}
+spec:
+  jwtRules: [{{issuer: "{ISSUER}", jwksUri: "{jwks_uri}", timeout: 60s}}]
+"""
+
+
+def unknown_kid_token(keys: Keys) -> str:
+    """A token of the issuer signed by key-2, which its JWKS (key-1 only) does not list yet:
+    the server refreshes the JWKS to look for it (and waits for that fetch)."""
+    return keys.mint({"iss": ISSUER, "sub": "alice", "exp": int(time.time()) + 600}, kid="key-2", sign_with="key-2")
+
+
 def check(served: Served, message: bytes = CHECK, timeout: float = 10.0) -> CheckResponse:
     with grpc.insecure_channel(served.address) as channel:
         return CheckResponse.FromString(channel.unary_unary(a.CHECK_PATH)(message, timeout=timeout))
@@ -59,19 +77,12 @@ def test_beyond_the_pending_limit_a_check_is_refused_at_once_and_a_waiting_one_e
     start_server: StartServer, layer: str, tmp_path: Path, idp: IdP, keys: Keys, _idp_server: tuple  # noqa: F811
 ) -> None:
     idp.serve_json("/jwks", keys.jwks("key-1"))
-    (tmp_path / "policies.yaml").write_text(ALLOW_ALL + f"""---
-apiVersion: security.istio.io/v1
-kind: RequestAuthentication
-metadata: {{name: jwt, namespace: foo}}
-spec:
-  jwtRules: [{{issuer: "{ISSUER}", jwksUri: "{idp.url('/jwks')}", timeout: 60s}}]
-""")
+    (tmp_path / "policies.yaml").write_text(policies_with_jwks(idp.url("/jwks")))
     served = start_server(layer, "--max-pending-checks", "1", "--jwks-ca-bundle", _idp_server[1],
                           "--jwks-refresh-min-interval", "0.001")
     assert idp.count("/jwks") == 1  # prefetched before listening
     idp.routes["/jwks"].delay = 60.0  # the next fetch stalls
-    unknown_kid = keys.mint({"iss": ISSUER, "sub": "alice", "exp": int(time.time()) + 600},
-                            kid="key-2", sign_with="key-2")
+    unknown_kid = unknown_kid_token(keys)
     outcome: list[grpc.StatusCode] = []
 
     def waiting_check() -> None:
