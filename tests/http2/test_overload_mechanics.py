@@ -11,7 +11,7 @@ import asyncio
 from typing import Any, Awaitable, Callable
 
 from authz_server.grpc_api import admission as adm
-from authz_server.grpc_api.fast_server import QUEUE_SLICE, FastGrpcServer
+from authz_server.grpc_api.fast_server import QUEUE_SLICE, FastGrpcServer, Headers
 from loadtests import h2_attacks as a
 from tests.http2.test_fast_layer_mechanics import ECHO, block, connect, turns
 
@@ -42,7 +42,7 @@ class Harness:
         self.admission = adm.Admission(adm.OverloadLimits(max_pending, max_queue_delay),
                                        on_refused=self.refused.append, on_expired=self.expired.append)
 
-    async def check(self, data: bytes) -> bytes:
+    async def check(self, data: bytes, headers: Headers) -> bytes:
         if self.gate is not None:  # waits, as a Check does on a JWKS fetch
             await self.gate
         self.evaluated.append(data)
