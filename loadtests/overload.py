@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import statistics
 import subprocess
+import time
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -118,6 +119,7 @@ def run(settings: OverloadSettings, out: Path, baseline: str = "") -> dict[str, 
                 overload = measured(open_loop(target, settings, rate, token, log), settings)
                 overload["refused_early"] = (refused(target) - refused_before) / max(1, overload["requests"])
                 overload["server_busy"] = (server_cpu_s(target) - cpu_before) / overload["duration_s"]
+                overload["drain_s"] = drained(target)
                 trial = {"variant": target.variant.name, "round": round_no, "capacity": capacity,
                          "offered_rps": rate, "overload": overload}
                 trials.append(trial)
@@ -125,7 +127,7 @@ def run(settings: OverloadSettings, out: Path, baseline: str = "") -> dict[str, 
                       f"p99 {capacity['p99_ms']:6.1f} ms | offered {rate}/s: goodput {overload['goodput_rps']:6.0f}/s "
                       f"refused {overload['refused_early']:5.1%} late {overload['failed_late']:5.1%} "
                       f"p99 {overload['p99_ms']:6.1f} ms | server CPU {capacity['server_busy']:.0%} / "
-                      f"{overload['server_busy']:.0%}", flush=True)
+                      f"{overload['server_busy']:.0%}, busy {overload['drain_s']:.1f} s after", flush=True)
     results = {"settings": asdict(settings), "variants": [{"name": v.name, "label": v.label} for v in chosen],
                "rows": [summarise(v.name, [t for t in trials if t["variant"] == v.name]) for v in chosen],
                "trials": trials}
@@ -183,6 +185,21 @@ def measured(run_result: tuple[list[tuple[int, int, int]], float], settings: Ove
 
 def server_cpu_s(target: Target) -> float:
     return measure.usage(target.backend_pid).total_s if target.backend_pid else 0.0
+
+
+def drained(target: Target, idle: float = 0.1, step_s: float = 0.5, limit_s: float = 60.0) -> float:
+    """Wait until the server is idle (under *idle* of a core over *step_s*), at most *limit_s*:
+    seconds waited. A server that queued Checks Envoy gave up on keeps evaluating them after the
+    load stops; that backlog must not be charged to the next phase (its own or another variant's)."""
+    start = time.monotonic()
+    before = server_cpu_s(target)
+    while time.monotonic() - start < limit_s:
+        time.sleep(step_s)
+        now = server_cpu_s(target)
+        if now - before < idle * step_s:
+            break
+        before = now
+    return time.monotonic() - start
 
 
 def refused(target: Target) -> float:
