@@ -1,6 +1,7 @@
 """The Helm chart: every mode renders valid objects, wired the way Istio needs them."""
 from __future__ import annotations
 
+import argparse
 from functools import cache
 
 import subprocess
@@ -12,6 +13,7 @@ import yaml
 from authz_server.demo import envoy_config as ec
 from authz_server.demo.processes import envoy_binary
 from authz_server.policy.loader import load_policies
+from authz_server.settings import add_options
 
 from chart_validation import CHART, is_istio_kind, istio_errors, load_values, mesh_errors, render, validate
 
@@ -47,7 +49,7 @@ def mesh_providers(mode: str) -> dict[str, dict]:
 
 
 def env_of(container: dict) -> dict[str, dict]:
-    return {e["name"]: e for e in container["env"]}
+    return {e["name"]: e for e in container.get("env", [])}
 
 
 def test_every_mode_has_a_values_file():
@@ -222,6 +224,22 @@ def test_an_empty_policy_set_is_served_only_when_allowed():
         [deploy] = [o for o in objs if o["kind"] == "Deployment"]
         [server] = deploy["spec"]["template"]["spec"]["containers"]
         assert env_of(server)["AUTHZ_ALLOW_EMPTY_POLICIES"]["value"] == expected
+
+
+def test_the_overload_bounds_reach_both_the_server_and_the_sidecar_local_container():
+    """What the chart renders is what the server's own settings parser accepts."""
+    values = {**load_values(MODES["sidecar-local"]), "server": {"enabled": True,
+              "overload": {"maxPendingChecks": 64, "maxQueueDelay": 0.05}}}
+    objs, _ = render(values)
+    containers = [c for o in objs if o["kind"] == "Deployment"
+                  for c in o["spec"]["template"]["spec"]["containers"] if "AUTHZ_POLICIES" in env_of(c)]
+    assert len(containers) >= 2
+    for container in containers:
+        environ = {name: var["value"] for name, var in env_of(container).items() if "value" in var}
+        parser = argparse.ArgumentParser(exit_on_error=False)
+        add_options(parser, "serve", environ)
+        settings = parser.parse_args([])
+        assert (settings.max_pending_checks, settings.max_queue_delay) == (64, 0.05)
 
 
 def test_service_monitor_scrapes_the_metrics_port():

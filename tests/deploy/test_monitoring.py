@@ -136,6 +136,10 @@ def exported(text: str) -> set[str]:
     return {line.split("{", 1)[0].split(" ", 1)[0] for line in text.splitlines() if line and not line.startswith("#")}
 
 
+def checks_counted(text: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("authz_checks_total{"))
+
+
 def check(principal: str | None = "spiffe://cluster.local/ns/foo/sa/sleep", method: str = "GET", path: str = "/get",
           headers: dict | None = None, destination: bool = True) -> CheckRequest:
     return check_request_from_description({
@@ -199,13 +203,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
         running = Running(supervisor, grpc_port, ops_port, policies)
         wait_for(lambda: http_get(f"http://127.0.0.1:{ops_port}/readyz")[0] == 200, what="readiness")
         token = idp.mint()
+        sequence = (check(), check(method="POST"), check(path="/debug/vars"),
+                    check(principal=None, method="POST", headers={"authorization": f"Bearer {token}"}),
+                    check(principal=None, method="POST", headers={"authorization": f"Bearer {token}"}),
+                    check(destination=False), CheckRequest())
         with grpc.insecure_channel(running.grpc_address) as channel:
             stub = external_auth_pb2_grpc.AuthorizationStub(channel)
-            for request in (check(), check(method="POST"), check(path="/debug/vars"),
-                            check(principal=None, method="POST", headers={"authorization": f"Bearer {token}"}),
-                            check(principal=None, method="POST", headers={"authorization": f"Bearer {token}"}),
-                            check(destination=False), CheckRequest()):
+            for request in sequence:
                 stub.Check(request, timeout=10)
+        # A worker writes its counts at the end of the event-loop pass that answered: a SIGKILL
+        # can land in between, so the sequence is seen counted before a worker is killed.
+        wait_for(lambda: checks_counted(running.metrics()) >= len(sequence), what="the Checks counted")
         (policies / "broken.yaml").write_text("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n")
         workers = [int(p) for p in Path(f"/proc/{supervisor.pid}/task/{supervisor.pid}/children").read_text().split()]
         os.kill(workers[0], signal.SIGKILL)

@@ -172,6 +172,10 @@ Server settings shared by the central Deployment and the sidecar-local container
   value: {{ .Values.server.logLevel | quote }}
 - name: AUTHZ_ALLOW_EMPTY_POLICIES
   value: {{ .Values.policies.allowEmpty | quote }}
+- name: AUTHZ_MAX_PENDING_CHECKS
+  value: {{ .Values.server.overload.maxPendingChecks | quote }}
+- name: AUTHZ_MAX_QUEUE_DELAY
+  value: {{ .Values.server.overload.maxQueueDelay | quote }}
 {{- end }}
 
 {{- define "istio-ext-authz.policiesVolume" -}}
