@@ -26,15 +26,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
+from envoy_data_plane.envoy.config.bootstrap.v3 import Bootstrap
+from envoy_data_plane.envoy.config.core.v3 import DataSource
+from envoy_data_plane.envoy.config.rbac.v3 import Permission, Policy, Principal, PrincipalSet, Rbac as RbacRules, RbacAction
+from envoy_data_plane.envoy.config.route.v3 import RouteMatch
+from envoy_data_plane.envoy.extensions.filters.http.jwt_authn.v3 import (
+    JwtAuthentication,
+    JwtProvider,
+    JwtRequirement,
+    JwtRequirementOrList,
+    RequirementRule,
+)
+from envoy_data_plane.envoy.extensions.filters.http.rbac.v3 import Rbac
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpFilter
+from envoy_data_plane.envoy.type.matcher.v3 import MetadataMatcher, MetadataMatcherPathSegment, StringMatcher, ValueMatcher
+from envoy_data_plane.google.protobuf import Empty
 
 from authz_server.demo import envoy_config as ec
 
 from . import tokens
 
-_TYPE = "type.googleapis.com/envoy.extensions.filters.http."
 _JWT_FILTER = "envoy.filters.http.jwt_authn"
 _PROVIDER = "bench"
 STREAMS_PER_CONNECTION = 8
@@ -131,92 +144,53 @@ def envoy_config(
     jwks: str = "",
     upstream: ec.Upstream | None = None,
     authz: ec.AuthzSettings | None = None,
-) -> ec.Config:
-    """The front proxy for *variant*; *authz* overrides the pool settings for ext_authz variants."""
+) -> Bootstrap:
+    """The front proxy for *variant*; *authz* overrides the pool settings for ext_authz variants.
+    Without *upstream* the route answers 200 itself."""
     settings = None
     if variant.checks_externally:
         if authz_port is None:
             raise ValueError(f"variant {variant.name} needs authz_port")
         settings = authz or pool_settings(variant, authz_port)
     workload = ec.Workload("bench", tokens.NAMESPACE, tokens.WORKLOAD_LABELS)
+    native = [_jwt_authn(jwks), _rbac()] if variant.backend == "native" else []
     # As the Helm chart configures a sidecar: the EnvoyFilter merge sends the workload's labels.
     proxy = ec.Proxy(admin_port, workload, settings, access_log=False,
-                     merge=ec.IdentityMerge(tokens.NAMESPACE, "sidecar"))
-    config = ec.front_proxy(proxy, listen_port=listen_port, upstream=upstream or ec.Upstream(port=1))
-    if upstream is None:
-        _answer_directly(config)
-    if variant.backend == "native":
-        _hcm(config)["http_filters"][:0] = [_jwt_authn(jwks), _rbac()]
-    return config
+                     merge=ec.IdentityMerge(tokens.NAMESPACE, "sidecar"), native_filters=native)
+    return ec.front_proxy(proxy, listen_port=listen_port, upstream=upstream or ec.DirectResponse())
 
 
-def _hcm(config: ec.Config) -> dict[str, Any]:
-    listener = config["static_resources"]["listeners"][0]
-    return listener["filter_chains"][0]["filters"][0]["typed_config"]
-
-
-def _answer_directly(config: ec.Config) -> None:
-    """Replace the route to the upstream by a 200 from Envoy itself, and drop the unused cluster."""
-    for host in _hcm(config)["route_config"]["virtual_hosts"]:
-        for route in host["routes"]:
-            cluster = route.pop("route")["cluster"]
-            route["direct_response"] = {"status": 200, "body": {"inline_string": "ok\n"}}
-    resources = config["static_resources"]
-    resources["clusters"] = [c for c in resources["clusters"] if c["name"] != cluster]
-
-
-def _jwt_authn(jwks: str) -> dict[str, Any]:
+def _jwt_authn(jwks: str) -> HttpFilter:
     """Istio's translation of the RequestAuthentication: a bad token is 401, none passes on."""
-    return {
-        "name": _JWT_FILTER,
-        "typed_config": {
-            "@type": _TYPE + "jwt_authn.v3.JwtAuthentication",
-            "providers": {
-                _PROVIDER: {
-                    "issuer": tokens.ISSUER,
-                    "audiences": [tokens.AUDIENCE],
-                    "local_jwks": {"inline_string": jwks},
-                    "payload_in_metadata": "payload",
-                    "forward": True,
-                }
-            },
-            "rules": [
-                {
-                    "match": {"prefix": "/"},
-                    "requires": {
-                        "requires_any": {
-                            "requirements": [{"provider_name": _PROVIDER}, {"allow_missing": {}}]
-                        }
-                    },
-                }
-            ],
-        },
-    }
+    provider = JwtProvider(
+        issuer=tokens.ISSUER,
+        audiences=[tokens.AUDIENCE],
+        local_jwks=DataSource(inline_string=jwks),
+        payload_in_metadata="payload",
+        forward=True,
+    )
+    requires = JwtRequirement(requires_any=JwtRequirementOrList(
+        requirements=[JwtRequirement(provider_name=_PROVIDER), JwtRequirement(allow_missing=Empty())]
+    ))
+    return ec.http_filter(_JWT_FILTER, JwtAuthentication(
+        providers={_PROVIDER: provider},
+        rules=[RequirementRule(match=RouteMatch(prefix="/"), requires=requires)],
+    ))
 
 
-def _rbac() -> dict[str, Any]:
+def _rbac() -> HttpFilter:
     """The AuthorizationPolicy as RBAC: principal of the issuer (iss, sub present) and the claim."""
 
-    def claim(name: str, value: dict[str, Any]) -> dict[str, Any]:
-        path = [{"key": "payload"}, {"key": name}]
-        return {"metadata": {"filter": _JWT_FILTER, "path": path, "value": value}}
+    def claim(name: str, value: ValueMatcher) -> Principal:
+        path = [MetadataMatcherPathSegment(key="payload"), MetadataMatcherPathSegment(key=name)]
+        return Principal(metadata=MetadataMatcher(filter=_JWT_FILTER, path=path, value=value))
 
-    principal = {
-        "and_ids": {
-            "ids": [
-                claim("iss", {"string_match": {"exact": tokens.ISSUER}}),
-                claim("sub", {"present_match": True}),
-                claim("group", {"string_match": {"exact": tokens.ALLOWED_GROUP}}),
-            ]
-        }
-    }
-    return {
-        "name": "envoy.filters.http.rbac",
-        "typed_config": {
-            "@type": _TYPE + "rbac.v3.RBAC",
-            "rules": {
-                "action": "ALLOW",
-                "policies": {"bench-allow-group": {"permissions": [{"any": True}], "principals": [principal]}},
-            },
-        },
-    }
+    principal = Principal(and_ids=PrincipalSet(ids=[
+        claim("iss", ValueMatcher(string_match=StringMatcher(exact=tokens.ISSUER))),
+        claim("sub", ValueMatcher(present_match=True)),
+        claim("group", ValueMatcher(string_match=StringMatcher(exact=tokens.ALLOWED_GROUP))),
+    ]))
+    allow = Policy(permissions=[Permission(any=True)], principals=[principal])
+    return ec.http_filter("envoy.filters.http.rbac", Rbac(
+        rules=RbacRules(action=RbacAction.ALLOW, policies={"bench-allow-group": allow}),
+    ))

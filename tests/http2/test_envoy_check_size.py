@@ -9,9 +9,9 @@ of up to 128 KiB; such a Check passes through Envoy to both serving layers.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
+from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import BufferSettings
 
 from authz_server.demo import envoy_config as ec
 from authz_server.demo.client import request
@@ -29,12 +29,9 @@ FRONT = ec.Workload("front", "foo", {"app": "front"})
 
 def front_proxy(group: ProcessGroup, authz_port: int, upstream: int, pack_as_bytes: bool) -> int:
     port = free_port()
-    config = ec.front_proxy(ec.Proxy(free_port(), FRONT, ec.AuthzSettings(authz_port)), listen_port=port,
-                            upstream=ec.Upstream(upstream))
-    hcm: dict[str, Any] = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    ext_authz = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_authz")
-    ext_authz["typed_config"]["with_request_body"] = {
-        "max_request_bytes": BODY_LIMIT, "allow_partial_message": True, "pack_as_bytes": pack_as_bytes}
+    body = BufferSettings(max_request_bytes=BODY_LIMIT, allow_partial_message=True, pack_as_bytes=pack_as_bytes)
+    authz = ec.AuthzSettings(authz_port, include_request_body_in_check=body)
+    config = ec.front_proxy(ec.Proxy(free_port(), FRONT, authz), listen_port=port, upstream=ec.Upstream(upstream))
     group.start_envoy(f"front-{port}", config)
     return port
 
