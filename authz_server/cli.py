@@ -118,8 +118,13 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         print(("healthy: " if healthy else "unhealthy: ") + detail, file=sys.stdout if healthy else sys.stderr)
         return 0 if healthy else EXIT_INVALID
     if args.command == "demo":
-        from authz_server.demo.run import run_demo
-
+        try:
+            from authz_server.demo.run import run_demo
+        except ModuleNotFoundError as exc:  # the [demo] extra (envoy-data-plane) is not installed
+            missing = (exc.name or "a module").partition(".")[0]
+            print(f"authz-server demo: {missing} is missing: pip install 'istio-ext-authz-server[demo]'",
+                  file=sys.stderr)
+            return EXIT_INVALID
         return run_demo(Path(args.workdir) if args.workdir else None, keep_running=args.keep_running)
     if args.command == "test":
         from authz_server.policy_tests.runner import run_tests

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,12 @@ def test_explain_shows_absent_addresses_as_dashes(tmp_path: Path, capsys: pytest
     assert main(["explain", "--policies", str(EXAMPLES / "policies"), "--request", str(request)]) == 0
     out = capsys.readouterr().out
     assert "ip=- remote.ip=-" in out and "None" not in out
+
+
+def test_demo_without_the_demo_extra_says_what_to_install() -> None:
+    """The demo's typed Envoy configs need envoy-data-plane (the [demo] extra): one line, no traceback."""
+    code = ("import sys; sys.modules['envoy_data_plane'] = None\n"
+            "from authz_server.cli import main; sys.exit(main(['demo']))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr == "authz-server demo: envoy_data_plane is missing: pip install 'istio-ext-authz-server[demo]'\n"
