@@ -116,3 +116,14 @@ def test_demo_without_the_demo_extra_says_what_to_install() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert result.stderr == "authz-server demo: envoy_data_plane is missing: pip install 'istio-ext-authz-server[demo]'\n"
+
+
+def test_the_server_never_loads_the_typed_envoy_api() -> None:
+    """envoy-data-plane is for the demo and tests only: the serving path and every other command
+    import and run without it (so the image, built without the [demo] extra, lacks nothing)."""
+    code = ("import sys; sys.modules['envoy_data_plane'] = sys.modules['betterproto2'] = None\n"
+            "import authz_server.app, authz_server.grpc_api.fast_server, authz_server.grpc_api.server\n"
+            "from authz_server.cli import main\n"
+            f"sys.exit(main(['validate', {str(EXAMPLES / 'policies')!r}]))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
