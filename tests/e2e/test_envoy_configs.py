@@ -62,9 +62,9 @@ def generated_configs(workdir: Path) -> dict[str, Bootstrap]:
     for variant in variants.standard_variants(workers=2):
         configs[f"bench/{variant.name}"] = variants.envoy_config(
             variant, listen_port=LISTEN, admin_port=ADMIN, authz_port=AUTHZ, jwks=key.jwks)
+    [server_w1] = [v for v in variants.standard_variants(workers=1) if v.name == "server-w1"]
     configs["bench/server-w1 with upstream"] = variants.envoy_config(
-        variants.standard_variants(workers=1)[-1], listen_port=LISTEN, admin_port=ADMIN, authz_port=AUTHZ,
-        upstream=ec.Upstream(APP))
+        server_w1, listen_port=LISTEN, admin_port=ADMIN, authz_port=AUTHZ, upstream=ec.Upstream(APP))
     configs["parity/native jwt_authn"] = native_proxy(ADMIN, LISTEN, APP, native_jwt_filter(RULES, json.loads(key.jwks)))
     tls = ec.UpstreamTls(mesh.ca.cert_path, "authz.local", issue_workload_cert(mesh.ca, "spiffe://cluster.local/ns/foo/sa/front"))
     fronts = {
