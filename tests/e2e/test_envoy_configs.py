@@ -74,6 +74,8 @@ def generated_configs(workdir: Path) -> dict[str, Bootstrap]:
             merge=ec.IdentityMerge("foo", "sidecar")),
         "request body in Check": ec.Proxy(ADMIN, FRONT, ec.AuthzSettings(AUTHZ, include_request_body_in_check=BufferSettings(
             max_request_bytes=65536, allow_partial_message=True, pack_as_bytes=True))),
+        "fail open": ec.Proxy(ADMIN, FRONT, ec.AuthzSettings(AUTHZ, fail_open=True)),
+        "status on error 503": ec.Proxy(ADMIN, FRONT, ec.AuthzSettings(AUTHZ, status_on_error=503)),
         "waypoint merge": ec.Proxy(ADMIN, FRONT, ec.AuthzSettings(AUTHZ), merge=ec.IdentityMerge("foo", "waypoint")),
     }
     for name, proxy in fronts.items():
