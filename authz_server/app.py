@@ -25,6 +25,7 @@ from authz_server.jwt.rules import JwtRule
 from authz_server.jwt.verify import TokenVerifier, VerifySettings
 from authz_server.observability import metrics
 from authz_server.observability.decision_log import DecisionLog
+from authz_server.policy import handover
 from authz_server.policy.watch import PolicyWatcher
 from authz_server.policy_store import PolicyStore, ReloadResult
 
@@ -53,7 +54,8 @@ class App:
             metrics.issuer_label(issuer), result).inc()
         self.verifier = TokenVerifier(VerifySettings(leeway=args.jwt_leeway, max_token_bytes=args.jwt_max_token_bytes))
         mesh = MeshSettings(args.root_namespace, args.trust_domain, tuple(args.trust_domain_aliases))
-        self.store = PolicyStore(args.policies, mesh, self._authenticator, args.allow_empty_policies)
+        self.store = PolicyStore(args.policies, mesh, self._authenticator, args.allow_empty_policies,
+                                 fallback=handover.inherited())
         self.authorizer = Authorizer(
             self.store.engine,
             VerdictSettings(policy_header=args.policy_header, ok_headers=args.ok_headers, fail_open=args.fail_open,
@@ -104,7 +106,7 @@ class App:
         metrics.RELOADS.labels("success" if result.ok else "failure").inc()
         metrics.LAST_RELOAD_OK.set(1 if result.ok else 0)
         policy_set = self.store.policy_set
-        if result.ok and policy_set is not None:
+        if policy_set is not None:  # also the supervisor's last good set, served while the path's is invalid
             metrics.LAST_GOOD_LOAD.set(policy_set.loaded_at)
             metrics.POLICIES.labels("AuthorizationPolicy").set(len(policy_set.authorization_policies))
             metrics.POLICIES.labels("RequestAuthentication").set(len(policy_set.request_authentications))

@@ -192,9 +192,11 @@ def serve(args: argparse.Namespace, argv: list[str]) -> int:
         if not worker:
             check_bindable(args.listen, "--listen", reuse_port=True)
         if workers > 1:
+            from authz_server.policy.handover import LastGoodPolicies
             from authz_server.workers import Supervisor
 
-            return Supervisor(argv, workers, args.metrics_listen, args.grace_period).run()
+            policies = LastGoodPolicies(args.policies, args.allow_empty_policies, args.reload_interval)
+            return Supervisor(argv, workers, args.metrics_listen, args.grace_period, policies).run()
         return _serve_one(args, tls)
     finally:
         if guard is not None:

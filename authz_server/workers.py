@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from prometheus_client import Counter
 
     from authz_server.observability.http_endpoint import OpsEndpoint
+    from authz_server.policy.handover import LastGoodPolicies
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +118,11 @@ class Worker:
 
 
 class Supervisor:
-    def __init__(self, argv: list[str], workers: int, metrics_listen: str, grace_period: float) -> None:
+    def __init__(self, argv: list[str], workers: int, metrics_listen: str, grace_period: float,
+                 policies: LastGoodPolicies | None = None) -> None:
         self.argv = argv
+        #: followed here too, so a restarted worker gets the set its siblings serve (policy.handover)
+        self.policies = policies
         self.workers = [Worker(i) for i in range(workers)]
         self.metrics_listen = metrics_listen
         self.grace_period = grace_period
@@ -134,9 +138,19 @@ class Supervisor:
         return [sys.executable, "-m", "authz_server", *self.argv, "--workers", "1", "--metrics-listen", "off"]
 
     def _start(self, worker: Worker) -> None:
+        from authz_server.policy import handover
+
         env = {**os.environ, "AUTHZ_WORKER_ID": str(worker.index)}
-        worker.process = subprocess.Popen(self._command(), env=env, stdin=subprocess.DEVNULL,
-                                          preexec_fn=_die_with_parent)
+        last_good = self.policies.handover_fd() if self.policies is not None else None
+        if last_good is not None:
+            env[handover.ENV] = str(last_good)
+        try:
+            worker.process = subprocess.Popen(self._command(), env=env, stdin=subprocess.DEVNULL,
+                                              preexec_fn=_die_with_parent,
+                                              pass_fds=() if last_good is None else (last_good,))
+        finally:
+            if last_good is not None:
+                os.close(last_good)
         worker.started_at = time.monotonic()
         log.info("worker %d started (pid %d)", worker.index, worker.process.pid)
 
@@ -186,6 +200,8 @@ class Supervisor:
         from prometheus_client import multiprocess
 
         now = time.monotonic()
+        if self.policies is not None:
+            self.policies.poll(now, force=self._hup)
         if self._hup:
             self._hup = False
             for worker in self.workers:

@@ -49,6 +49,9 @@ class PolicySet:
     request_authentications: tuple[RequestAuthentication, ...] = ()
     issues: tuple[Issue, ...] = ()
     loaded_at: float = field(default_factory=time.time)
+    #: (file name, text) of every file read, in load order: what the set can be rebuilt from
+    #: (a restarted worker gets the last good set's texts from its supervisor)
+    sources: tuple[tuple[str, str], ...] = ()
 
     @property
     def errors(self) -> tuple[Issue, ...]:
@@ -82,29 +85,39 @@ def load_policies(path: str | Path, allow_empty: bool = False) -> PolicySet:
     issues: list[Issue] = []
     if not path.exists():
         return PolicySet(str(path), issues=(Issue(str(path), "", "", "policy path does not exist"),))
-    aps: list[AuthorizationPolicy] = []
-    ras: list[RequestAuthentication] = []
     try:
         files = policy_files(path)
         if path.is_dir():
             issues.extend(_ignored_entries(path))
     except OSError as exc:
         return PolicySet(str(path), issues=(Issue(str(path), "", "", f"cannot list: {exc.strerror or exc}"),))
+    sources: list[tuple[str, str]] = []
     for file in files:
         if not file.is_file():
             issues.append(Issue(str(file), "", "", _not_a_file(file)))
             continue
         try:
-            text = file.read_text(encoding="utf-8")
+            sources.append((str(file), file.read_text(encoding="utf-8")))
         except (OSError, UnicodeDecodeError) as exc:
             issues.append(Issue(str(file), "", "", f"cannot read: {exc}"))
-            continue
-        parse_documents(text, str(file), aps, ras, issues)
+    return parse_sources(str(path), sources, allow_empty, issues)
+
+
+def parse_sources(
+    source: str, sources: list[tuple[str, str]], allow_empty: bool = False, issues: list[Issue] | None = None
+) -> PolicySet:
+    """The policy set of these (file name, text) pairs, as :func:`load_policies` builds it from
+    the files themselves; ``issues`` are problems already found while reading them."""
+    issues = [] if issues is None else issues
+    aps: list[AuthorizationPolicy] = []
+    ras: list[RequestAuthentication] = []
+    for name, text in sources:
+        parse_documents(text, name, aps, ras, issues)
     _check_duplicates(aps, ras, issues)
     enforced = bool(ras) or any(p.action is not Action.CUSTOM for p in aps)
     if not enforced and not allow_empty and not any(i.severity == "error" for i in issues):
-        issues.append(Issue(str(path), "", "", EMPTY_SET))
-    return PolicySet(str(path), tuple(aps), tuple(ras), tuple(issues))
+        issues.append(Issue(source, "", "", EMPTY_SET))
+    return PolicySet(source, tuple(aps), tuple(ras), tuple(issues), sources=tuple(sources))
 
 
 def _not_a_file(entry: Path) -> str:

@@ -39,34 +39,43 @@ def fingerprint(path: Path) -> Fingerprint:
     return tuple(entries)
 
 
-class PolicyWatcher:
-    """Polls ``path`` every ``interval`` seconds and calls ``on_change`` after a change settles.
+class SettledChange:
+    """Tells when a fingerprint has changed and then stayed the same for one more poll, so a
+    reload never reads a half-written file."""
 
-    A change must be seen unchanged on two consecutive polls before it triggers, so a reload
-    never reads a half-written file.
-    """
+    def __init__(self) -> None:
+        self.seen: Fingerprint | None = None
+        self._pending: Fingerprint | None = None
+
+    def settled(self, current: Fingerprint) -> bool:
+        """Feed one poll's fingerprint; True once a change has settled (then it counts as seen)."""
+        if current == self.seen:
+            self._pending = None
+            return False
+        if current != self._pending:
+            self._pending = current  # wait one more interval for the writer to finish
+            return False
+        self.seen, self._pending = current, None
+        return True
+
+
+class PolicyWatcher:
+    """Polls ``path`` every ``interval`` seconds and calls ``on_change`` after a change settles
+    (seen unchanged on two consecutive polls)."""
 
     def __init__(self, path: str | Path, interval: float, on_change: Callable[[], object]) -> None:
         self.path = Path(path)
         self.interval = interval
         self.on_change = on_change
-        self._seen: Fingerprint | None = None
+        self._change = SettledChange()
 
     async def run(self) -> None:
-        self._seen = await asyncio.to_thread(fingerprint, self.path)
-        pending: Fingerprint | None = None
+        self._change.seen = await asyncio.to_thread(fingerprint, self.path)
         while True:
             await asyncio.sleep(self.interval)
-            current = await asyncio.to_thread(fingerprint, self.path)
-            if current == self._seen:
-                pending = None
-                continue
-            if current != pending:
-                pending = current  # wait one more interval for the writer to finish
+            if not self._change.settled(await asyncio.to_thread(fingerprint, self.path)):
                 continue
             log.info("policy path %s changed; reloading", self.path)
-            self._seen = current
-            pending = None
             result = self.on_change()
             if asyncio.iscoroutine(result):
                 await result

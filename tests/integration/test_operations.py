@@ -256,3 +256,35 @@ def _ok(stub: external_auth_pb2_grpc.AuthorizationStub) -> bool:
         return stub.Check(request(), timeout=3).status.code == 0
     except grpc.RpcError:
         return False
+
+
+def test_a_restarted_worker_serves_the_last_good_set_its_siblings_serve(tmp_path: Path) -> None:
+    """The files turn invalid, then a worker dies: its replacement must not start with no set
+    (denying what the other worker allows), but with the newest valid set, as its siblings."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "p.yaml").write_text(DENY_ALL)
+    port, ops = free_port(), free_port()
+    address = f"127.0.0.1:{port}"
+    with ProcessGroup(tmp_path / "logs") as group:
+        supervisor = group.start_authz_server(policies, port, [
+            "--workers", "2", "--metrics-listen", f"127.0.0.1:{ops}", "--decision-log", "off",
+            "--reload-interval", "0.2"])
+        wait_for(lambda: http_get(ops, "/readyz")[0] == 200, timeout=30)
+        (policies / "p.yaml").write_text(ALLOW_GET_FROM_SLEEP)  # a valid change: the newest good set
+        wait_for(lambda: "changed and is valid" in supervisor.log_tail(200), timeout=30)
+        wait_for(lambda: supervisor.log_tail(200).count("generation 2 loaded") == 2, timeout=30)
+        (policies / "broken.yaml").write_text("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n")
+        wait_for(lambda: supervisor.log_tail(200).count("keeping generation 2") == 2, timeout=30)
+
+        first = children(supervisor.pid)
+        os.kill(first[0], signal.SIGKILL)
+        wait_for(lambda: len(children(supervisor.pid)) == 2 and first[0] not in children(supervisor.pid), timeout=30)
+        wait_for(lambda: "serving the last good set the supervisor kept" in supervisor.log_tail(200), timeout=30)
+        wait_for(lambda: http_get(ops, "/readyz")[0] == 200, timeout=30)
+        for _ in range(20):  # fresh connections, spread over both workers by the kernel
+            with grpc.insecure_channel(address) as channel:
+                reply = external_auth_pb2_grpc.AuthorizationStub(channel).Check(request(), timeout=10)
+            assert reply.status.code == 0, reply.denied_response.body
+        # the path's own set is still invalid, and every worker says so
+        assert metric(http_get(ops, "/metrics")[1], "authz_policy_last_reload_success") == 0
