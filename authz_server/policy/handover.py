@@ -59,13 +59,21 @@ class LastGoodPolicies:
         """A memfd holding the last good set for one worker (the caller passes and closes it)."""
         if self.sources is None:
             return None
-        fd = os.memfd_create("authz-last-good-policies")
+        data = json.dumps(self.sources).encode()
         try:
-            os.write(fd, json.dumps(self.sources).encode())
+            fd = os.memfd_create("authz-last-good-policies")
+        except OSError as exc:  # out of descriptors or memory: the worker reads the path alone
+            log.warning("cannot hand the last good policy set to a worker: %s", exc.strerror or exc)
+            return None
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
             os.lseek(fd, 0, os.SEEK_SET)
-        except OSError:
+        except OSError as exc:
             os.close(fd)
-            raise
+            log.warning("cannot hand the last good policy set to a worker: %s", exc.strerror or exc)
+            return None
         return fd
 
 

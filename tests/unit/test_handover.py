@@ -101,3 +101,27 @@ def test_an_invalid_handed_over_set_is_not_served(tmp_path: Path) -> None:
     (tmp_path / "p.yaml").write_text(BROKEN)
     store = PolicyStore(tmp_path, MESH, fallback=(("kept/p.yaml", BROKEN),))
     assert not store.reload().ok and not store.loaded
+
+
+def test_a_large_set_is_handed_over_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for i in range(300):  # well over one write's worth
+        (tmp_path / f"p{i:03}.yaml").write_text(DENY_ALL.replace("deny-all", f"deny-{i}") + "#" * 4096 + "\n")
+    kept = LastGoodPolicies(tmp_path, allow_empty=False, interval=1.0)
+    kept.poll(0.0)
+    fd = kept.handover_fd()
+    assert fd is not None
+    monkeypatch.setenv(handover.ENV, str(fd))
+    assert handover.inherited() == kept.sources and len(kept.sources) == 300
+
+
+def test_without_a_descriptor_to_spare_the_worker_reads_the_path_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "p.yaml").write_text(DENY_ALL)
+    kept = LastGoodPolicies(tmp_path, allow_empty=False, interval=1.0)
+    kept.poll(0.0)
+
+    def no_descriptor(name: str) -> int:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(os, "memfd_create", no_descriptor)
+    assert kept.handover_fd() is None
